@@ -1,0 +1,137 @@
+"""ServerArgs: every knob of a server or engine, in one frozen dataclass; the CLI is generated from it.
+
+A flag, its default and its help exist once, here. `__post_init__` validates the combination and
+raises `ConfigError` with a message that names the flag (`--tp-size`), so the launcher can print
+one line and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad flag value or combination; the message names the flag."""
+
+
+def _arg(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, **kw})
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    # Model
+    model_path: str | None = _arg(None, "Local directory or Hugging Face repo id of the base model.")
+    tokenizer_path: str | None = _arg(None, "Tokenizer directory or repo id (default: model path).")
+    served_model_name: str | None = _arg(None, "Model name in the API (default: model path).")
+    load_format: str = _arg(
+        "auto", "Weight format; 'dummy' makes random weights of the config's real shapes.",
+        ("auto", "safetensors", "dummy"),
+    )
+    dtype: str = _arg(
+        "auto",
+        "Weight and activation dtype. 'auto': float32 on CPU, the checkpoint's dtype on GPU "
+        "(float32 checkpoints run in bfloat16 there).",
+        ("auto", "bfloat16", "float16", "float32"),
+    )
+    device: str = _arg("auto", "Where the model runs ('auto': cuda if available).",
+                       ("auto", "cuda", "cpu"))
+    context_length: int | None = _arg(None, "Max tokens per request (default: the model's).")
+    random_seed: int = _arg(0, "Seed for dummy weights and unseeded sampling.")
+    trust_remote_code: bool = _arg(False, "Never used: configs are parsed as data.", hidden=True)
+
+    # HTTP
+    host: str = _arg("127.0.0.1", "Address the HTTP server binds.")
+    port: int = _arg(30000, "Port of the HTTP server.")
+    demo: bool = _arg(False, "Serve a tiny built-in MoE model (built locally, no download).")
+
+    # Memory and scheduling
+    mem_fraction_static: float = _arg(
+        0.88, "Fraction of GPU memory for weights, LoRA buffers, graphs and KV cache."
+    )
+    max_total_tokens: int | None = _arg(
+        None, "KV cache size in tokens (default: from memory; 65536 on CPU)."
+    )
+    max_running_requests: int = _arg(256, "Most requests decoded together.")
+    chunked_prefill_size: int = _arg(
+        8192, "Most prompt tokens prefilled in one step; longer prompts are chunked (-1: off)."
+    )
+    max_prefill_tokens: int = _arg(16384, "Token budget of one prefill batch.")
+    disable_radix_cache: bool = _arg(False, "Do not reuse KV of shared prompt prefixes.")
+    schedule_policy: str = _arg("lpm", "Waiting-queue order: longest prefix match or FCFS.",
+                                ("lpm", "fcfs"))
+    disable_cuda_graph: bool = _arg(False, "Run decode eagerly instead of replaying CUDA graphs.")
+
+    # Parallelism
+    tp_size: int = _arg(1, "Tensor-parallel degree (processes, one per GPU).")
+
+    log_level: str = _arg("info", "Logging level.", ("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, name: str, why: str) -> None:
+            if not cond:
+                raise ConfigError(f"{flag_name(name)}: {why}, got {getattr(self, name)!r}")
+
+        need(self.model_path is not None or self.demo, "model_path",
+             "is required (or pass --demo)")
+        need(1 <= self.port <= 65535, "port", "must be in 1..65535")
+        need(0.0 < self.mem_fraction_static < 1.0, "mem_fraction_static", "must be in (0, 1)")
+        need(self.max_total_tokens is None or self.max_total_tokens >= 16, "max_total_tokens",
+             "must be >= 16")
+        need(self.max_running_requests >= 1, "max_running_requests", "must be >= 1")
+        need(self.chunked_prefill_size == -1 or self.chunked_prefill_size >= 1,
+             "chunked_prefill_size", "must be -1 (off) or >= 1")
+        need(self.max_prefill_tokens >= 1, "max_prefill_tokens", "must be >= 1")
+        need(self.context_length is None or self.context_length >= 2, "context_length",
+             "must be >= 2")
+        need(self.tp_size >= 1, "tp_size", "must be >= 1")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None:
+                need(getattr(self, f.name) in choices, f.name, f"must be one of {list(choices)}")
+
+    # ---- CLI -------------------------------------------------------------------------------
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("hidden"):
+                continue
+            base, optional = _unwrap_optional(hints[f.name])
+            kw: dict[str, Any] = {"dest": f.name, "default": f.default,
+                                  "help": f"{f.metadata['help']} (default: {f.default})"}
+            if base is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["type"] = base
+                if f.metadata.get("choices"):
+                    kw["choices"] = f.metadata["choices"]
+            parser.add_argument(flag_name(f.name), **kw)
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None) -> ServerArgs:
+        parser = argparse.ArgumentParser(prog="python -m sglora.launch_server")
+        cls.add_cli_args(parser)
+        ns = parser.parse_args(argv)
+        return cls(**vars(ns))
+
+    def replace(self, **changes: Any) -> ServerArgs:
+        return dataclasses.replace(self, **changes)
+
+
+def _unwrap_optional(tp: Any) -> tuple[type, bool]:
+    """`int | None` -> (int, True); `int` -> (int, False)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False

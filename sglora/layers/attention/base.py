@@ -1,0 +1,36 @@
+"""AttentionBackend: the interface between the attention layer and a kernel family, plus the
+registry that `--attention-backend` selects from."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from sglora.layers.attention.layer import Attention
+    from sglora.model_executor.forward_batch import ForwardBatch
+
+
+class AttentionBackend(ABC):
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        """Precompute per-batch indices once, before the layers run."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
+                batch: ForwardBatch) -> torch.Tensor:
+        """Write k/v of the new tokens into the KV pool, then attend.
+
+        q [T, Hq*D], k/v [T, Hk*D] -> [T, Hq*D]."""
+
+
+ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {}
+
+
+def register_attention_backend(name: str):
+    def wrap(cls: type[AttentionBackend]) -> type[AttentionBackend]:
+        ATTENTION_BACKENDS[name] = cls
+        return cls
+
+    return wrap

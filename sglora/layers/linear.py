@@ -1,0 +1,161 @@
+"""Tensor-parallel linear layers (between model files and the weight loader).
+
+Weights are stored `[out, in]` like `nn.Linear`. Column-parallel layers split `out` across TP
+ranks (no communication); row-parallel layers split `in` and all-reduce their output. Each
+parameter carries a `weight_loader(param, loaded, shard_id=None)` that slices the checkpoint
+tensor for this rank, so the weight loader never needs to know the layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sglora.distributed.parallel_state import divide, get_tp_rank, get_tp_size, tp_all_reduce
+
+
+def narrow(loaded: Any, dim: int, start: int, length: int) -> torch.Tensor:
+    """Slice a tensor, or a lazy safetensors slice, along `dim` (only this rank's bytes are read)."""
+    index = (slice(None),) * dim + (slice(start, start + length),)
+    return loaded[index]
+
+
+def materialize(loaded: Any) -> torch.Tensor:
+    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+
+
+def copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
+    loaded = materialize(loaded)
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"shape mismatch for {what}: model has {tuple(param.shape)}, "
+                         f"checkpoint has {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features  # local (this rank)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
+                                   requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        copy_checked(param, loaded, type(self).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    """Whole weight on every rank (MoE routers)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype | None = None):
+        super().__init__(in_features, out_features, bias, dtype)
+
+
+class ColumnParallelLinear(LinearBase):
+    """y = x Wᵀ with W split by output rows; each rank returns its slice of y."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype | None = None):
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        super().__init__(in_features, divide(out_features, self.tp_size, "output features"), bias,
+                         dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        n = param.shape[0]
+        copy_checked(param, narrow(loaded, 0, self.tp_rank * n, n), type(self).__name__)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of one input in one matmul (gate_up: [gate; up]).
+
+    Each rank holds `[gate_r; up_r]`: its slice of every sub-projection, stacked."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 dtype: torch.dtype | None = None):
+        self.output_sizes = output_sizes  # global sizes
+        super().__init__(in_features, sum(output_sizes), bias, dtype)
+        self.local_sizes = [divide(s, self.tp_size, "merged output") for s in output_sizes]
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        if shard_id is None:  # already-merged checkpoint tensor: split it into its parts
+            offset = 0
+            for i, size in enumerate(self.output_sizes):
+                self.weight_loader(param, narrow(loaded, 0, offset, size), i)
+                offset += size
+            return
+        n = self.local_sizes[shard_id]
+        dst = param.data.narrow(0, sum(self.local_sizes[:shard_id]), n)
+        copy_checked(dst, narrow(loaded, 0, self.tp_rank * n, n), f"shard {shard_id}")
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matmul; KV heads are replicated when tp > num_kv_heads."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, dtype: torch.dtype | None = None):
+        tp = get_tp_size()
+        self.head_dim = head_dim
+        self.num_heads = divide(num_heads, tp, "attention heads")
+        if tp >= num_kv_heads:
+            divide(tp, num_kv_heads, "--tp-size (KV heads are replicated)")
+            self.num_kv_heads, self.kv_replicas = 1, tp // num_kv_heads
+        else:
+            self.num_kv_heads, self.kv_replicas = divide(num_kv_heads, tp, "KV heads"), 1
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        out_global = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
+        super().__init__(hidden_size, out_global, bias, dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        if shard_id is None:
+            raise ValueError("QKVParallelLinear loads q, k and v separately")
+        if shard_id == "q":
+            offset, size, rank = 0, self.q_size, self.tp_rank
+        else:
+            offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
+            size, rank = self.kv_size, self.tp_rank // self.kv_replicas
+        copy_checked(param.data.narrow(0, offset, size), narrow(loaded, 0, rank * size, size),
+                     f"{shard_id}_proj")
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+
+
+class RowParallelLinear(LinearBase):
+    """y = x Wᵀ with W split by input columns; partial outputs are summed across ranks.
+
+    Bias is added once, after the reduction."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, reduce_results: bool = True):
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.reduce_results = reduce_results
+        super().__init__(divide(in_features, self.tp_size, "input features"), out_features, bias,
+                         dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        if param.dim() == 1:  # bias
+            copy_checked(param, loaded, "bias")
+            return
+        n = param.shape[1]
+        copy_checked(param, narrow(loaded, 1, self.tp_rank * n, n), type(self).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.reduce_results:
+            y = tp_all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y

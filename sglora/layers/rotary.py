@@ -1,0 +1,57 @@
+"""Rotary position embedding (neox / rotate-half style) with a precomputed cos/sin cache.
+
+Frequencies come from the config's `rope_parameters`: `default` is computed here; `linear`,
+`llama3` and `yarn` use transformers' own init functions so scaling matches HF exactly.
+Types whose frequencies depend on the sequence length (`dynamic`, `longrope`) are refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_position: int, inv_freq: torch.Tensor,
+                 attention_scaling: float = 1.0):
+        super().__init__()
+        self.head_dim = head_dim
+        pos = torch.arange(max_position, dtype=torch.int64).float()
+        freqs = pos[:, None] * inv_freq.float()[None, :]  # [P, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cache = torch.cat([emb.cos() * attention_scaling, emb.sin() * attention_scaling], dim=-1)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)  # [P, 2D] float32
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq*D], k [T, Hk*D] -> rotated, same shapes and dtype."""
+        cos, sin = self.cos_sin_cache[positions].to(q.dtype).chunk(2, dim=-1)  # [T, D] each
+        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        x = x.view(t, -1, self.head_dim)
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return (x * cos[:, None] + rotated * sin[:, None]).view(t, -1)
+
+
+def get_rope(config: PretrainedConfig, head_dim: int) -> RotaryEmbedding:
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"config field rope_parameters.rope_type={rope_type!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("config field partial_rotary_factor != 1 is not supported")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        inv_freq, scaling = 1.0 / (base**exponents), 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return RotaryEmbedding(head_dim, config.max_position_embeddings, inv_freq, scaling)

@@ -1,0 +1,125 @@
+"""Structs that cross a process boundary (api server <-> scheduler <-> TP ranks), and nothing else.
+
+They are plain dataclasses so they pickle cheaply over ZMQ; validation of user input happens at
+the HTTP edge (pydantic) and in `SamplingParams.verify`, which raises `ValueError` with a message
+meant for the user.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Cap on top-logprobs per token, as in the OpenAI API (top_logprobs <= 20).
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation controls (SGLang `sampling_params` names)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: whole vocabulary
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def verify(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the first out-of-range field."""
+
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, "must be a finite number")
+        if self.max_new_tokens is None or self.max_new_tokens < 0:
+            bad("max_new_tokens", "must be >= 0")
+        if self.temperature < 0:
+            bad("temperature", "must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", "must be in (0, 1]")
+        if self.top_k < -1 or self.top_k == 0:
+            bad("top_k", "must be -1 (disabled) or >= 1")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad("min_p", "must be in [0, 1]")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            bad("presence_penalty", "must be in [-2, 2]")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            bad("frequency_penalty", "must be in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            bad("repetition_penalty", "must be in (0, 2]")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "must be non-empty strings")
+        if vocab_size is not None and any(
+            not isinstance(t, int) or not 0 <= t < vocab_size for t in self.stop_token_ids
+        ):
+            bad("stop_token_ids", f"must be token ids in [0, {vocab_size})")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", "must be an integer")
+
+
+@dataclass
+class TokenizedGenerateReq:
+    """api server -> scheduler: one generation request, already tokenized."""
+
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    return_logprob: bool = False
+    # First prompt position whose logprob is returned; -1: none of the prompt (outputs only).
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    stream: bool = False
+    lora_name: str | None = None
+    input_text: str | None = None
+
+
+@dataclass
+class AbortReq:
+    """api server -> scheduler: stop a request and free its KV now."""
+
+    rid: str
+
+
+@dataclass
+class ReqOutput:
+    """scheduler -> api server: what one request produced in one step (incremental)."""
+
+    rid: str
+    new_token_ids: list[int]
+    # Logprob of each new token under the model's raw distribution (before sampling controls).
+    new_token_logprobs: list[float] | None = None
+    # One list of (token_id, logprob) per new token, best first.
+    new_top_logprobs: list[list[tuple[int, float]]] | None = None
+    # Prompt tokens' logprobs (sent once, with the first output): (token_id, logprob|None).
+    input_token_logprobs: list[tuple[int, float | None]] | None = None
+    input_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    finished: bool = False
+    # {"type": "stop", "matched": str|int|None} | {"type": "length", "length": int}
+    # | {"type": "abort", "message": str}
+    finish_reason: dict[str, Any] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0

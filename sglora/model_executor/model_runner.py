@@ -1,0 +1,102 @@
+"""ModelRunner: owns one device — the model, the KV memory, the attention backend and the
+sampler — and runs ForwardBatches (between the scheduler and the model files).
+
+Construction reads as the memory plan: weights first, then the KV cache gets what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sglora.config import ServerArgs
+from sglora.distributed.parallel_state import get_tp_rank
+from sglora.layers.attention.base import ATTENTION_BACKENDS
+from sglora.layers.attention.torch_native import TorchNativeAttnBackend  # noqa: F401 (registers)
+from sglora.layers.logits import LogitsOutput
+from sglora.mem_cache.allocator import ReqToTokenPool, TokenToKVAllocator
+from sglora.mem_cache.kv_pool import KVPool
+from sglora.mem_cache.radix_cache import RadixCache
+from sglora.model_executor.forward_batch import ForwardBatch
+from sglora.model_executor.model_config import ModelConfig
+from sglora.model_executor.sampler import Sampler
+from sglora.model_executor.weight_loader import init_dummy_weights, iterate_weights, load_weights
+from sglora.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_TOKENS = 65536
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+class ModelRunner:
+    def __init__(self, args: ServerArgs, model_config: ModelConfig, device: torch.device):
+        self.args, self.model_config, self.device = args, model_config, device
+        self.tp_rank = get_tp_rank()
+        torch.manual_seed(args.random_seed)
+        self.load_model()
+        self.init_memory_pool()
+        self.init_attention_backend()
+        self.sampler = Sampler()
+
+    def load_model(self) -> None:
+        cfg = self.model_config
+        cls = get_model_class(cfg.architecture)
+        with torch.device(self.device):
+            self.model = cls(cfg.hf_config, cfg.dtype).eval()
+        if self.args.load_format == "dummy":
+            init_dummy_weights(self.model, self.args.random_seed)
+        else:
+            load_weights(self.model, iterate_weights(cfg.path))
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        logger.info("loaded %s (%s, %.2f GB of weights) on %s", cfg.architecture, cfg.dtype,
+                    self.weight_bytes / 1e9, self.device)
+
+    def kv_capacity(self) -> int:
+        """KV tokens: --max-total-tokens, else what --mem-fraction-static leaves on the GPU."""
+        if self.args.max_total_tokens is not None:
+            return self.args.max_total_tokens
+        if self.device.type != "cuda":
+            return DEFAULT_CPU_KV_TOKENS
+        cfg = self.model_config
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        budget = total * self.args.mem_fraction_static - used
+        per_token = KVPool.bytes_per_token(cfg.num_layers, self.kv_heads_local(), cfg.head_dim,
+                                           cfg.dtype)
+        if budget < per_token * 64:
+            raise ValueError(f"--mem-fraction-static {self.args.mem_fraction_static} leaves no "
+                             f"room for the KV cache after {used / 1e9:.1f} GB in use")
+        return int(budget // per_token)
+
+    def kv_heads_local(self) -> int:
+        return self.model.layers[0].self_attn.attn.num_kv_heads
+
+    def init_memory_pool(self) -> None:
+        cfg = self.model_config
+        size = self.kv_capacity()
+        self.kv_pool = KVPool(size, cfg.num_layers, self.kv_heads_local(), cfg.head_dim,
+                              cfg.dtype, self.device)
+        self.allocator = TokenToKVAllocator(size, self.device)
+        self.req_to_token_pool = ReqToTokenPool(self.args.max_running_requests + 1,
+                                                cfg.context_len + 1, self.device)
+        self.radix_cache = RadixCache(self.allocator, disable=self.args.disable_radix_cache)
+        logger.info("KV cache: %d tokens (%.2f GB)", size, self.kv_pool.size_bytes() / 1e9)
+
+    def init_attention_backend(self) -> None:
+        self.attn_backend = ATTENTION_BACKENDS["torch_native"]()
+
+    def forward(self, batch: ForwardBatch) -> LogitsOutput:
+        batch.req_to_token_pool = self.req_to_token_pool
+        batch.kv_pool = self.kv_pool
+        batch.attn_backend = self.attn_backend
+        self.attn_backend.init_forward_metadata(batch)
+        return self.model(batch)

@@ -1,0 +1,56 @@
+"""Qwen3-MoE: Qwen3 attention with a routed sparse MoE MLP (dense MLP on `mlp_only_layers`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from sglora.distributed.parallel_state import tp_all_reduce
+from sglora.layers.linear import ReplicatedLinear
+from sglora.layers.moe.experts import FusedMoE
+from sglora.layers.moe.router import RoutingConfig, select_experts
+from sglora.models.llama import LlamaMLP
+from sglora.models.qwen3 import Qwen3ForCausalLM
+
+
+def num_experts_of(config: PretrainedConfig) -> int:
+    return getattr(config, "num_experts", None) or config.num_local_experts
+
+
+class SparseMoeBlock(nn.Module):
+    """y = Σ_{e ∈ topk} w_e · expert_e(x): router (`gate`), routed `experts`, one all-reduce."""
+
+    def __init__(self, config: PretrainedConfig, intermediate: int, routing: RoutingConfig,
+                 dtype: torch.dtype):
+        super().__init__()
+        e = num_experts_of(config)
+        self.gate = ReplicatedLinear(config.hidden_size, e, bias=False, dtype=dtype)
+        self.experts = FusedMoE(e, config.hidden_size, intermediate, config.hidden_act, dtype)
+        self.routing = routing
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sum of the routed experts, before the all-reduce."""
+        weights, ids = select_experts(self.gate(x), self.routing)
+        return self.experts(x, weights, ids)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tp_all_reduce(self.routed(x))
+
+
+class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
+    def is_moe_layer(self, layer_id: int) -> bool:
+        c = self.config
+        step = getattr(c, "decoder_sparse_step", 1) or 1
+        return (layer_id not in (getattr(c, "mlp_only_layers", None) or [])
+                and num_experts_of(c) > 0 and (layer_id + 1) % step == 0)
+
+    def routing_config(self) -> RoutingConfig:
+        return RoutingConfig(self.config.num_experts_per_tok,
+                             renormalize=getattr(self.config, "norm_topk_prob", False))
+
+    def make_mlp(self, layer_id: int) -> nn.Module:
+        c = self.config
+        if not self.is_moe_layer(layer_id):
+            return LlamaMLP(c.hidden_size, c.intermediate_size, c.hidden_act, self.dtype)
+        return SparseMoeBlock(c, c.moe_intermediate_size, self.routing_config(), self.dtype)

@@ -1,0 +1,267 @@
+"""Scheduler: continuous batching over the paged KV cache (between the api server / engine and
+the model runner).
+
+Each `step()` runs one batch: a prefill (new requests and one chunked request, under a token
+budget) when anything waits and fits, else a decode step over every running request. KV that
+runs out during decode is recovered by retracting requests back to the waiting queue; their
+computed KV goes to the prefix cache, so resuming them is cheap and gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from sglora.config import ServerArgs
+from sglora.messages import ReqOutput, TokenizedGenerateReq
+from sglora.model_executor.forward_batch import ForwardMode
+from sglora.model_executor.model_runner import ModelRunner
+from sglora.model_executor.sampler import SamplingBatchInfo
+from sglora.scheduler.batch import ScheduleBatch
+from sglora.scheduler.kv_manager import KVManager
+from sglora.scheduler.policy import order_waiting
+from sglora.scheduler.request import Req, ReqState
+
+logger = logging.getLogger(__name__)
+
+# Share of each running request's remaining max_new_tokens kept free for its decode steps.
+INIT_NEW_TOKEN_RATIO, MIN_NEW_TOKEN_RATIO, NEW_TOKEN_RATIO_DECAY = 0.7, 0.1, 0.001
+
+
+class Scheduler:
+    def __init__(self, args: ServerArgs, runner: ModelRunner, tokenizer: Any):
+        self.args, self.runner, self.tokenizer = args, runner, tokenizer
+        self.kv = KVManager(runner.req_to_token_pool, runner.allocator, runner.radix_cache)
+        self.context_len = runner.model_config.context_len
+        self.eos_ids = frozenset(runner.model_config.eos_token_ids) | (
+            frozenset([tokenizer.eos_token_id]) if getattr(tokenizer, "eos_token_id", None)
+            is not None else frozenset())
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []  # decoding
+        self.chunked: Req | None = None  # partly prefilled, owns KV, not yet decoding
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.num_retractions = 0
+        self._outputs: list[ReqOutput] = []
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def add_request(self, msg: TokenizedGenerateReq) -> None:
+        req = Req.from_message(msg)
+        error = self._validate(req)
+        if error:
+            req.finish({"type": "abort", "message": error})
+            self._outputs.append(req.take_output())
+            return
+        self.waiting.append(req)
+
+    def _validate(self, req: Req) -> str | None:
+        n, max_new = req.prompt_len, req.sampling_params.max_new_tokens
+        if n == 0:
+            return "the prompt is empty"
+        if n >= self.context_len:
+            return f"the prompt has {n} tokens; the context length is {self.context_len}"
+        capacity = self.kv.allocator.size
+        if n + max_new > capacity:
+            return (f"the prompt ({n} tokens) plus max_new_tokens ({max_new}) exceeds the KV "
+                    f"cache capacity ({capacity} tokens)")
+        return None
+
+    def abort_request(self, rid: str) -> bool:
+        for req in [*self.waiting, *self.running, *([self.chunked] if self.chunked else [])]:
+            if req.rid == rid:
+                self._abort(req, "aborted by the client")
+                return True
+        return False
+
+    def _abort(self, req: Req, message: str) -> None:
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+        if req is self.chunked:
+            self.chunked = None
+        self.kv.release(req)
+        req.finish({"type": "abort", "message": message})
+        self._outputs.append(req.take_output())
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked or self._outputs)
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def step(self) -> list[ReqOutput]:
+        """Run at most one batch; return every request's new output since the last step."""
+        batch = self._prefill_batch() or self._decode_batch()
+        if batch is not None:
+            self._run(batch)
+        outputs, self._outputs = self._outputs, []
+        return outputs
+
+    def _decode_reserve(self, extra: list[Req]) -> int:
+        remaining = sum(max(r.sampling_params.max_new_tokens - len(r.output_ids), 0)
+                        for r in [*self.running, *extra])
+        return int(remaining * self.new_token_ratio)
+
+    def _prefill_batch(self) -> ScheduleBatch | None:
+        budget = self.args.max_prefill_tokens
+        chunk = self.args.chunked_prefill_size
+        if chunk > 0:
+            budget = min(budget, chunk)
+        candidates = [self.chunked] if self.chunked else []
+        candidates += order_waiting(self.waiting, self.args.schedule_policy, self.kv.match_prefix)
+        picked: list[Req] = []
+        slots: list[torch.Tensor] = []
+        for req in candidates:
+            if req is not self.chunked:
+                if len(self.running) + len(picked) >= self.args.max_running_requests:
+                    break
+                need = len(req.fill_ids) - self.kv.match_prefix(req)
+                idle = not self.running and not picked and self.chunked is None
+                # A new request needs room for its prompt and a share of everyone's decoding;
+                # when nothing else runs it needs only room for its next chunk.
+                want = min(need, budget) if idle else need + self._decode_reserve(picked)
+                if self.kv.available_tokens() < want or not self.kv.admit(req):
+                    break
+                self.waiting.remove(req)
+                req.state = ReqState.RUNNING
+                if not req.admitted_once:
+                    req.cached_tokens, req.admitted_once = req.prefix_len, True
+            n = min(len(req.fill_ids) - req.kv_len, budget)
+            got = self.kv.alloc_tokens(n) if n > 0 else None
+            if got is None:  # cannot happen after the availability check, but never lose a req
+                if req is not self.chunked and req.kv_len == req.prefix_len:
+                    self._requeue(req)
+                break
+            self.kv.extend(req, got)
+            req.chunk_end = req.kv_len + n
+            picked.append(req)
+            slots.append(got)
+            budget -= n
+            self.chunked = req if req.chunk_end < len(req.fill_ids) else None
+            if budget <= 0 or self.chunked is not None:
+                break
+        if not picked:
+            return None
+        return ScheduleBatch(ForwardMode.EXTEND, picked, torch.cat(slots))
+
+    def _decode_batch(self) -> ScheduleBatch | None:
+        while self.running:
+            slots = self.kv.alloc_tokens(len(self.running))
+            if slots is not None:
+                break
+            self._retract_one()
+        else:
+            return None
+        for req, slot in zip(self.running, slots.view(-1, 1)):
+            self.kv.extend(req, slot)
+            req.chunk_end = req.kv_len + 1
+        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO,
+                                   self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        return ScheduleBatch(ForwardMode.DECODE, list(self.running), slots)
+
+    def _retract_one(self) -> None:
+        """Move the running request that loses least (fewest outputs, longest prompt) back to
+        the front of the waiting queue; its KV goes to the prefix cache."""
+        victim = min(self.running, key=lambda r: (len(r.output_ids), -r.prompt_len))
+        self.running.remove(victim)
+        self.kv.cache_and_release(victim)
+        self._requeue(victim)
+        self.num_retractions += 1
+        self.new_token_ratio = min(1.0, self.new_token_ratio + 0.1)
+        logger.info("KV cache full: retracted %s (%d running)", victim.rid, len(self.running))
+
+    def _requeue(self, req: Req) -> None:
+        self.kv.release(req)
+        req.state = ReqState.WAITING
+        self.waiting.insert(0, req)
+
+    # ---- run and process ---------------------------------------------------------------
+
+    def _run(self, batch: ScheduleBatch) -> None:
+        fb = batch.to_forward_batch(self.runner.device)
+        logits = self.runner.forward(fb)
+        reqs = batch.reqs
+        info = SamplingBatchInfo.from_requests(
+            [r.sampling_params for r in reqs], [r.origin_input_ids for r in reqs],
+            [r.output_ids for r in reqs], self.runner.model_config.vocab_size,
+            self.runner.device)
+        top_n = max((r.top_logprobs_num for r in reqs), default=0)
+        sampled = self.runner.sampler(logits.next_token_logits, info, top_n)
+        next_ids = sampled.next_token_ids.tolist()
+        next_lp = sampled.logprobs.tolist()
+        top_ids = sampled.top_logprob_ids.tolist() if top_n else None
+        top_vals = sampled.top_logprob_vals.tolist() if top_n else None
+        self._collect_input_logprobs(batch, logits)
+
+        for i, req in enumerate(reqs):
+            complete = batch.is_prefill_complete(req)
+            req.kv_len = req.chunk_end
+            if req.finished:  # aborted while the batch ran
+                continue
+            if not complete:
+                continue
+            if batch.mode is ForwardMode.EXTEND:
+                req.input_logprobs_done = True
+                if req.sampling_params.max_new_tokens == 0:  # prompt scoring only
+                    req.finish({"type": "length", "length": 0})
+                    self.kv.cache_and_release(req)
+                    self._outputs.append(req.take_output())
+                    continue
+                self.running.append(req)
+            self._append_token(req, next_ids[i], next_lp[i],
+                               list(zip(top_ids[i][:req.top_logprobs_num],
+                                        top_vals[i][:req.top_logprobs_num])) if top_n else None)
+        self.running = [r for r in self.running if not r.finished]
+
+    def _append_token(self, req: Req, tok: int, logprob: float,
+                      top: list[tuple[int, float]] | None) -> None:
+        req.output_ids.append(tok)
+        req.pending_token_ids.append(tok)
+        req.pending_logprobs.append(logprob)
+        if top is not None:
+            req.pending_top_logprobs.append(top)
+        req.check_finished(self.eos_ids, self._stop_text_hit(req), self.context_len)
+        if req.finished:
+            self.kv.cache_and_release(req)
+        self._outputs.append(req.take_output())
+
+    def _stop_text_hit(self, req: Req) -> str | None:
+        stops = req.sampling_params.stop
+        if not stops:
+            return None
+        # a character is at most 4 bytes and every token at least one byte
+        window = 4 * max(len(s) for s in stops) + 2
+        tail = self.tokenizer.decode(req.output_ids[-window:], skip_special_tokens=False)
+        return next((s for s in stops if s in tail), None)
+
+    def _collect_input_logprobs(self, batch: ScheduleBatch, logits: Any) -> None:
+        if logits.input_logprobs is None:
+            return
+        vals = logits.input_logprobs.tolist()
+        top_ids = logits.input_top_ids.tolist() if logits.input_top_ids is not None else None
+        top_vals = logits.input_top_vals.tolist() if logits.input_top_vals is not None else None
+        row = 0
+        for req in batch.reqs:
+            if not req.wants_input_logprobs:
+                continue
+            fill = req.fill_ids
+            if req.kv_len == 0 and req.logprob_start_len == 0:
+                req.input_token_logprobs.append((fill[0], None))
+                req.input_top_logprobs.append(None)
+            first = max(req.logprob_start_len, 1) - 1
+            for p in range(max(req.kv_len, first), min(req.chunk_end, req.prompt_len - 1)):
+                req.input_token_logprobs.append((fill[p + 1], vals[row]))
+                if top_ids is not None and req.top_logprobs_num:
+                    k = req.top_logprobs_num
+                    req.input_top_logprobs.append(list(zip(top_ids[row][:k], top_vals[row][:k])))
+                else:
+                    req.input_top_logprobs.append(None)
+                row += 1
+
+    # ---- checks --------------------------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        owners = [*self.running, *([self.chunked] if self.chunked else [])]
+        self.kv.check_integrity(owners)
