@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj",
+                       "gate_up_proj", "down_proj", "embed_tokens", "lm_head", "all")
+
+
 class ConfigError(ValueError):
     """A bad flag value or combination; the message names the flag."""
 
@@ -74,6 +78,25 @@ class ServerArgs:
     # Parallelism
     tp_size: int = _arg(1, "Tensor-parallel degree (processes, one per GPU).")
 
+    # LoRA
+    enable_lora: bool = _arg(False, "Serve LoRA adapters (implied by --lora-paths).")
+    lora_paths: tuple[str, ...] = _arg(
+        (), "Adapters to load at start: PATH, NAME=PATH, or JSON "
+        '{"lora_name": ..., "lora_path": ..., "pinned": true}. PATH: a directory or a HF repo id.'
+    )
+    max_loras_per_batch: int = _arg(8, "Adapter slots on the device (distinct adapters a batch "
+                                    "may use).")
+    max_loaded_loras: int | None = _arg(None, "Adapters kept parsed in host memory (LRU); "
+                                        "default: all.")
+    max_lora_rank: int | None = _arg(None, "Rank of the slot buffers (default: the largest "
+                                     "rank of --lora-paths, else 64).")
+    lora_target_modules: tuple[str, ...] | None = _arg(
+        None, "Modules that get LoRA buffers (q_proj ... down_proj, qkv_proj, gate_up_proj, "
+        "embed_tokens, lm_head, or all). Default: those of --lora-paths, else all.")
+    lora_backend: str = _arg("torch_native", "Dense LoRA kernels.", ("torch_native",))
+    lora_eviction_policy: str = _arg("lru", "Which resident adapter leaves its slot first.",
+                                     ("lru", "fifo"))
+
     log_level: str = _arg("info", "Logging level.", ("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
@@ -94,6 +117,16 @@ class ServerArgs:
         need(self.context_length is None or self.context_length >= 2, "context_length",
              "must be >= 2")
         need(self.tp_size >= 1, "tp_size", "must be >= 1")
+        if self.lora_paths and not self.enable_lora:
+            object.__setattr__(self, "enable_lora", True)
+        need(self.max_loras_per_batch >= 1, "max_loras_per_batch", "must be >= 1")
+        need(self.max_lora_rank is None or self.max_lora_rank >= 1, "max_lora_rank",
+             "must be >= 1")
+        need(self.max_loaded_loras is None or self.max_loaded_loras >= self.max_loras_per_batch,
+             "max_loaded_loras", "must be >= --max-loras-per-batch")
+        unknown = [m for m in self.lora_target_modules or () if m not in LORA_TARGET_MODULES]
+        need(not unknown, "lora_target_modules",
+             f"names must be among {', '.join(LORA_TARGET_MODULES)}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices is not None:
@@ -112,6 +145,8 @@ class ServerArgs:
                                   "help": f"{f.metadata['help']} (default: {f.default})"}
             if base is bool:
                 kw["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(base) is tuple:
+                kw.update(nargs="*", type=typing.get_args(base)[0])
             else:
                 kw["type"] = base
                 if f.metadata.get("choices"):
@@ -123,7 +158,8 @@ class ServerArgs:
         parser = argparse.ArgumentParser(prog="python -m sglora.launch_server")
         cls.add_cli_args(parser)
         ns = parser.parse_args(argv)
-        return cls(**vars(ns))
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items()}
+        return cls(**values)
 
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)

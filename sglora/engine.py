@@ -48,8 +48,12 @@ class Engine:
         return_logprob: bool = False,
         logprob_start_len: int = -1,
         top_logprobs_num: int = 0,
+        lora_path: str | list[str | None] | None = None,
     ) -> dict | list[dict]:
-        """Generate for one prompt (returns a dict) or a list (returns a list, same order)."""
+        """Generate for one prompt (returns a dict) or a list (returns a list, same order).
+
+        `lora_path`: the adapter name (as loaded) for every prompt, or a list aligned with
+        the prompts (None: the base model)."""
         single = isinstance(prompt, str) or (input_ids is not None and input_ids
                                              and isinstance(input_ids[0], int))
         if prompt is not None:
@@ -62,14 +66,17 @@ class Engine:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(ids)
         if len(params) != len(ids):
             raise ValueError(f"{len(params)} sampling_params for {len(ids)} prompts")
+        loras = lora_path if isinstance(lora_path, list) else [lora_path] * len(ids)
+        if len(loras) != len(ids):
+            raise ValueError(f"{len(loras)} lora_path entries for {len(ids)} prompts")
         reqs = []
-        for tokens, p in zip(ids, params):
+        for tokens, p, lora in zip(ids, params, loras):
             sp = p if isinstance(p, SamplingParams) else SamplingParams(**(p or {}))
             sp.verify(self.model_config.vocab_size)
             reqs.append(TokenizedGenerateReq(
                 rid=uuid.uuid4().hex, input_ids=tokens, sampling_params=sp,
                 return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-                top_logprobs_num=top_logprobs_num))
+                top_logprobs_num=top_logprobs_num, lora_name=lora))
         results = self._run_to_completion(reqs)
         return results[0] if single else results
 
@@ -85,6 +92,14 @@ class Engine:
                     if out.finished:
                         pending.discard(out.rid)
         return [acc[r.rid].result(self.tokenizer) for r in reqs]
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> None:
+        self.scheduler.load_adapter(lora_name, lora_path, pinned)
+
+    def unload_lora_adapter(self, lora_name: str) -> None:
+        self.scheduler.request_unload(lora_name)
+        while lora_name in self.scheduler.pending_unloads:
+            self.scheduler.step()
 
     def shutdown(self) -> None:
         pass

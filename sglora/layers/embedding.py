@@ -7,6 +7,7 @@ logits and the logits processor all-gathers them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size, dtype=dtype),
                                    requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.lora: Callable[..., torch.Tensor | None] | None = None  # set by lora/layers.py
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         copy_checked(param.data[: self.num_real], narrow(loaded, 0, self.start, self.num_real),
@@ -36,15 +38,26 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
-        local = input_ids - self.start
-        outside = (local < 0) | (local >= self.num_real)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        return tp_all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
+            out = F.embedding(input_ids, self.weight)
+        else:
+            local = input_ids - self.start
+            outside = (local < 0) | (local >= self.num_real)
+            out = F.embedding(local.masked_fill(outside, 0), self.weight)
+            out = out.masked_fill(outside.unsqueeze(-1), 0)
+        if self.lora is not None and (delta := self.lora(input_ids)) is not None:
+            out = out + delta
+        return tp_all_reduce(out)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection sharded by vocabulary; `forward` is done by the logits processor."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, shard_size]
-        return F.linear(hidden, self.weight)
+    def forward(self, hidden: torch.Tensor, row_slots: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """[T, H] -> [T, shard_size]; `row_slots` [T]: the LoRA slot of each row, if any."""
+        logits = F.linear(hidden, self.weight)
+        if self.lora is not None and row_slots is not None:
+            delta = self.lora(hidden, row_slots)
+            if delta is not None:
+                logits = logits + delta
+        return logits

@@ -8,6 +8,7 @@ tensor for this rank, so the weight loader never needs to know the layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,8 +37,12 @@ def copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
 
 
 class LinearBase(nn.Module):
+    """`lora`, when set (by `lora/layers.py`), returns this layer's LoRA delta for the current
+    batch, or None when no request in it has an adapter."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None):
         super().__init__()
+        self.lora: Callable[[torch.Tensor], torch.Tensor | None] | None = None
         self.in_features, self.out_features = in_features, out_features  # local (this rank)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
                                    requires_grad=False)
@@ -52,7 +57,10 @@ class LinearBase(nn.Module):
         copy_checked(param, loaded, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None and (delta := self.lora(x)) is not None:
+            y = y + delta
+        return y
 
 
 class ReplicatedLinear(LinearBase):
@@ -154,6 +162,9 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
+        # this rank's LoRA partial joins the base partial, so one all-reduce sums both
+        if self.lora is not None and (delta := self.lora(x)) is not None:
+            y = y + delta
         if self.reduce_results:
             y = tp_all_reduce(y)
         if self.bias is not None:

@@ -216,6 +216,26 @@ class RadixCache:
             self.allocator.free(torch.cat(freed))
         return count
 
+    def evict_namespace(self, namespace: str | None) -> int:
+        """Free the whole subtree of one namespace (an unloaded adapter's prefixes, which a new
+        adapter of the same name must not reuse). Nothing in it may be locked."""
+        ns = self._root.children.get(namespace)
+        if ns is None:
+            return 0
+        stack, values, count = [ns], [], 0
+        while stack:
+            node = stack.pop()
+            assert node.lock_ref == 0 or not node.key, "evicting a locked namespace"
+            if node.key:
+                values.append(node.value)
+                count += len(node.key)
+            stack.extend(node.children.values())
+        if values:
+            self.allocator.free(torch.cat(values))
+        self._evictable -= count
+        del self._root.children[namespace]
+        return count
+
     def _delete_leaf(self, leaf: TreeNode) -> TreeNode:
         parent = leaf.parent
         del parent.children[leaf.key[0]]

@@ -46,7 +46,8 @@ class ForwardBatch:
     kv_pool: KVPool | None = None
     attn_backend: AttentionBackend | None = None
     attn_metadata: Any = None
-    lora: Any = None  # LoRABatchInfo when adapters are enabled
+    lora: Any = None  # LoRABatchInfo when the batch uses adapters
+    lora_names: list[str | None] | None = None  # adapter of each request
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -66,6 +67,7 @@ class ForwardBatch:
         logprob_rows: list[int] | None = None,
         logprob_targets: list[int] | None = None,
         top_logprobs_num: int = 0,
+        lora_names: list[str | None] | None = None,
     ) -> ForwardBatch:
         """Host lists -> device tensors, one copy each."""
         positions: list[int] = []
@@ -95,4 +97,5 @@ class ForwardBatch:
             logprob_indices=dev(logprob_rows) if logprob_rows else None,
             logprob_targets=dev(logprob_targets) if logprob_rows else None,
             top_logprobs_num=top_logprobs_num,
+            lora_names=lora_names,
         )

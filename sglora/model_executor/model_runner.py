@@ -43,6 +43,7 @@ class ModelRunner:
         self.tp_rank = get_tp_rank()
         torch.manual_seed(args.random_seed)
         self.load_model()
+        self.init_lora()
         self.init_memory_pool()
         self.init_attention_backend()
         self.sampler = Sampler()
@@ -59,6 +60,15 @@ class ModelRunner:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info("loaded %s (%s, %.2f GB of weights) on %s", cfg.architecture, cfg.dtype,
                     self.weight_bytes / 1e9, self.device)
+
+    def init_lora(self) -> None:
+        """Slot buffers come before the KV cache, which gets what is left."""
+        self.lora_manager = None
+        if self.args.enable_lora:
+            from sglora.lora.manager import LoRAManager
+
+            self.lora_manager = LoRAManager(self.args, self.model, self.model_config.dtype,
+                                            self.device)
 
     def kv_capacity(self) -> int:
         """KV tokens: --max-total-tokens, else what --mem-fraction-static leaves on the GPU."""
@@ -99,4 +109,7 @@ class ModelRunner:
         batch.kv_pool = self.kv_pool
         batch.attn_backend = self.attn_backend
         self.attn_backend.init_forward_metadata(batch)
+        if self.lora_manager is not None:
+            batch.lora = self.lora_manager.prepare(batch.lora_names or [None] * batch.batch_size,
+                                                   batch.extend_seq_lens_cpu)
         return self.model(batch)

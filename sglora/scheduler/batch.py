@@ -45,4 +45,5 @@ class ScheduleBatch:
             self.mode, input_ids, [r.req_pool_idx for r in self.reqs], prefix_lens, extend_lens,
             self.out_cache_loc, device, logprob_rows, logprob_targets,
             top_k if logprob_rows else 0,
+            [r.lora_name for r in self.reqs],
         )

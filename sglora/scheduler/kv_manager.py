@@ -88,6 +88,11 @@ class KVManager:
         self.req_pool.free(req.req_pool_idx)
         req.req_pool_idx, req.last_node, req.prefix_len, req.kv_len = None, None, 0, 0
 
+    def evict_namespace(self, namespace: str) -> None:
+        """Drop cached prefixes of an unloaded adapter: a new adapter under the same name
+        must not reuse them."""
+        self.tree.evict_namespace(namespace)
+
     def check_integrity(self, running: list[Req]) -> None:
         """Allocator used slots == tree slots + slots owned by running requests."""
         self.tree.check_integrity()

@@ -48,6 +48,7 @@ class Req:
     input_logprobs_done: bool = False  # every requested prompt logprob has been computed
     input_logprobs_sent: bool = False
     finish_reason: dict[str, Any] | None = None
+    lora_wait_rounds: int = 0  # prefill rounds this request waited for an adapter slot
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     admitted_once: bool = False
 

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 # Share of each running request's remaining max_new_tokens kept free for its decode steps.
 INIT_NEW_TOKEN_RATIO, MIN_NEW_TOKEN_RATIO, NEW_TOKEN_RATIO_DECAY = 0.7, 0.1, 0.001
+# After a request has waited this many prefill rounds for an adapter slot, nothing queued
+# behind it is admitted, so the running batch drains and its adapter gets a slot.
+LORA_STARVATION_ROUNDS = 16
 
 
 class Scheduler:
@@ -44,6 +47,8 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.num_retractions = 0
         self._outputs: list[ReqOutput] = []
+        self.lora = runner.lora_manager  # None without --enable-lora
+        self.pending_unloads: list[str] = []
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -58,6 +63,11 @@ class Scheduler:
 
     def _validate(self, req: Req) -> str | None:
         n, max_new = req.prompt_len, req.sampling_params.max_new_tokens
+        if req.lora_name is not None:
+            if self.lora is None:
+                return "this server was started without --enable-lora"
+            if req.lora_name not in self.lora.registry.refs or req.lora_name in self.pending_unloads:
+                return f"the LoRA adapter {req.lora_name!r} is not loaded"
         if n == 0:
             return "the prompt is empty"
         if n >= self.context_len:
@@ -87,7 +97,38 @@ class Scheduler:
         self._outputs.append(req.take_output())
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked or self._outputs)
+        return bool(self.waiting or self.running or self.chunked or self._outputs
+                    or self.pending_unloads)
+
+    # ---- adapters ----------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str, pinned: bool = False) -> None:
+        """Raises AdapterError (nothing changed) when the adapter cannot be served."""
+        if self.lora is None:
+            raise ValueError("this server was started without --enable-lora")
+        self.lora.load_adapter(name, path, pinned)
+
+    def request_unload(self, name: str) -> None:
+        """New requests for `name` are refused now; it leaves once its requests finish."""
+        if self.lora is None or name not in self.lora.registry.refs:
+            raise ValueError(f"no LoRA adapter named {name!r} is loaded")
+        if name not in self.pending_unloads:
+            self.pending_unloads.append(name)
+        self._finish_unloads()
+
+    def _finish_unloads(self) -> list[str]:
+        busy = {r.lora_name for r in [*self.waiting, *self.running,
+                                      *([self.chunked] if self.chunked else [])]}
+        done = [n for n in self.pending_unloads if n not in busy]
+        for name in done:
+            self.pending_unloads.remove(name)
+            self.lora.unload_adapter(name)
+            self.kv.evict_namespace(name)
+        return done
+
+    def _adapters_in_use(self, picked: list[Req]) -> set[str]:
+        reqs = [*self.running, *picked, *([self.chunked] if self.chunked else [])]
+        return {r.lora_name for r in reqs if r.lora_name is not None}
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -96,6 +137,8 @@ class Scheduler:
         batch = self._prefill_batch() or self._decode_batch()
         if batch is not None:
             self._run(batch)
+        if self.pending_unloads:
+            self._finish_unloads()
         outputs, self._outputs = self._outputs, []
         return outputs
 
@@ -117,6 +160,10 @@ class Scheduler:
             if req is not self.chunked:
                 if len(self.running) + len(picked) >= self.args.max_running_requests:
                     break
+                if not self._adapter_fits(req, picked):
+                    if req.lora_wait_rounds > LORA_STARVATION_ROUNDS:
+                        break
+                    continue
                 need = len(req.fill_ids) - self.kv.match_prefix(req)
                 idle = not self.running and not picked and self.chunked is None
                 # A new request needs room for its prompt and a share of everyone's decoding;
@@ -145,6 +192,15 @@ class Scheduler:
         if not picked:
             return None
         return ScheduleBatch(ForwardMode.EXTEND, picked, torch.cat(slots))
+
+    def _adapter_fits(self, req: Req, picked: list[Req]) -> bool:
+        if req.lora_name is None:
+            return True
+        names = self._adapters_in_use(picked)
+        if req.lora_name in names or self.lora.fits_batch(names | {req.lora_name}):
+            return True
+        req.lora_wait_rounds += 1
+        return False
 
     def _decode_batch(self) -> ScheduleBatch | None:
         while self.running:

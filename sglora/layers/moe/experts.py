@@ -8,6 +8,7 @@ intermediate dimension I, so each rank computes a partial output that the caller
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ class FusedMoE(nn.Module):
                                       requires_grad=False)
         for p in (self.w13_weight, self.w2_weight):
             p.weight_loader = self.weight_loader
+        # set by lora/moe.py: computes the layer with expert LoRA when the batch has adapters
+        self.lora: Callable[..., torch.Tensor | None] | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: str,
                       expert_id: int | None = None) -> None:
@@ -58,15 +61,23 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk [T, k] -> [T, H] (this rank's partial sum over its I slice)."""
+        if self.lora is not None and (out := self.lora(self, x, topk_weights, topk_ids)) is not None:
+            return out
         return moe_forward_reference(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
                                      self.activation)
 
 
+# (expert id, token rows [n], their inputs [n, in]) -> additive delta [n, out]
+ExpertDelta = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def moe_forward_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                           topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                          activation: str = "silu") -> torch.Tensor:
+                          activation: str = "silu", delta13: ExpertDelta | None = None,
+                          delta2: ExpertDelta | None = None) -> torch.Tensor:
     """Σ_k w_k · down_e(act(gate_e x) · up_e x), experts visited in id order (HF's order, so
-    float sums round the same way). Syncs the host: reference/CPU path only."""
+    float sums round the same way). `delta13`/`delta2` add per-token terms (expert LoRA) to the
+    gate_up and down outputs. Syncs the host: reference/CPU path only."""
     t, k = topk_ids.shape
     out = torch.zeros_like(x)
     flat_ids = topk_ids.reshape(-1)
@@ -79,7 +90,14 @@ def moe_forward_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         rows = order[start:start + n]  # positions in the flattened [T*k] routing table
         start += n
         tok = rows // k
-        h = act_and_mul(x[tok] @ w13[e].t(), activation)
-        o = (h @ w2[e].t()) * topk_weights.reshape(-1)[rows, None]
+        xe = x[tok]
+        gate_up = xe @ w13[e].t()
+        if delta13 is not None:
+            gate_up = gate_up + delta13(e, tok, xe)
+        h = act_and_mul(gate_up, activation)
+        o = h @ w2[e].t()
+        if delta2 is not None:
+            o = o + delta2(e, tok, h)
+        o = o * topk_weights.reshape(-1)[rows, None]
         out.index_add_(0, tok, o.to(out.dtype))
     return out

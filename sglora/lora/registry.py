@@ -1,0 +1,77 @@
+"""LoRARegistry: the adapters a server knows (name -> path, pinned) and an LRU cache of their
+parsed tensors in host memory (between the API's load/unload calls and the slot pool).
+
+Registering parses and validates the adapter at once, so a bad path or file fails the load call
+and leaves nothing behind. When more than `max_loaded` adapters are parsed, the least recently
+used one is dropped from host memory and re-read from disk when a request needs it again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from sglora.lora.adapter import AdapterError, LoRAAdapter, load_adapter
+from sglora.lora.targets import ModelTargets
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    name: str
+    path: str
+    pinned: bool = False
+
+
+def resolve_adapter_path(path: str) -> Path:
+    """A local directory, or a Hugging Face repo id fetched with huggingface_hub."""
+    if os.path.isdir(path):
+        return Path(path)
+    if os.path.exists(path):
+        raise AdapterError(f"{path}: not a directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, allow_patterns=["adapter_config.json",
+                                                            "adapter_model.safetensors"]))
+    except Exception as e:  # noqa: BLE001 - any hub failure means: no such adapter here
+        raise AdapterError(f"{path}: not a local directory and not fetchable from the Hugging "
+                           f"Face hub ({type(e).__name__})") from e
+
+
+class LoRARegistry:
+    def __init__(self, targets: ModelTargets, max_loaded: int | None):
+        self.targets, self.max_loaded = targets, max_loaded
+        self.refs: dict[str, AdapterRef] = {}
+        self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
+
+    def register(self, name: str, path: str, pinned: bool = False) -> LoRAAdapter:
+        if name in self.refs:
+            raise AdapterError(f"an adapter named {name!r} is already loaded")
+        adapter = load_adapter(name, resolve_adapter_path(path), self.targets)
+        self.refs[name] = AdapterRef(name, str(path), pinned)
+        self._remember(adapter)
+        return adapter
+
+    def unregister(self, name: str) -> None:
+        self.refs.pop(name)
+        self._cache.pop(name, None)
+
+    def get(self, name: str) -> LoRAAdapter:
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        ref = self.refs[name]
+        adapter = load_adapter(name, resolve_adapter_path(ref.path), self.targets)
+        self._remember(adapter)
+        return adapter
+
+    def _remember(self, adapter: LoRAAdapter) -> None:
+        self._cache[adapter.name] = adapter
+        self._cache.move_to_end(adapter.name)
+        while self.max_loaded is not None and len(self._cache) > self.max_loaded:
+            self._cache.popitem(last=False)
+
+    def cached_names(self) -> list[str]:
+        return list(self._cache)
