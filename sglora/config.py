@@ -1,4 +1,4 @@
-"""ServerArgs: every knob of a server or engine, in one frozen dataclass; the CLI is generated from it.
+"""ServerArgs: every knob of a server or engine, in one frozen dataclass; the CLI comes from it.
 
 A flag, its default and its help exist once, here. `__post_init__` validates the combination and
 raises `ConfigError` with a message that names the flag (`--tp-size`), so the launcher can print
@@ -14,9 +14,20 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-
-LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj",
-                       "gate_up_proj", "down_proj", "embed_tokens", "lm_head", "all")
+LORA_TARGET_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "down_proj",
+    "embed_tokens",
+    "lm_head",
+    "all",
+)
 
 
 class ConfigError(ValueError):
@@ -34,11 +45,14 @@ def flag_name(name: str) -> str:
 @dataclass(frozen=True)
 class ServerArgs:
     # Model
-    model_path: str | None = _arg(None, "Local directory or Hugging Face repo id of the base model.")
+    model_path: str | None = _arg(
+        None, "Local directory or Hugging Face repo id of the base model."
+    )
     tokenizer_path: str | None = _arg(None, "Tokenizer directory or repo id (default: model path).")
     served_model_name: str | None = _arg(None, "Model name in the API (default: model path).")
     load_format: str = _arg(
-        "auto", "Weight format; 'dummy' makes random weights of the config's real shapes.",
+        "auto",
+        "Weight format; 'dummy' makes random weights of the config's real shapes.",
         ("auto", "safetensors", "dummy"),
     )
     dtype: str = _arg(
@@ -47,8 +61,9 @@ class ServerArgs:
         "(float32 checkpoints run in bfloat16 there).",
         ("auto", "bfloat16", "float16", "float32"),
     )
-    device: str = _arg("auto", "Where the model runs ('auto': cuda if available).",
-                       ("auto", "cuda", "cpu"))
+    device: str = _arg(
+        "auto", "Where the model runs ('auto': cuda if available).", ("auto", "cuda", "cpu")
+    )
     context_length: int | None = _arg(None, "Max tokens per request (default: the model's).")
     random_seed: int = _arg(0, "Seed for dummy weights and unseeded sampling.")
     trust_remote_code: bool = _arg(False, "Never used: configs are parsed as data.", hidden=True)
@@ -71,8 +86,9 @@ class ServerArgs:
     )
     max_prefill_tokens: int = _arg(16384, "Token budget of one prefill batch.")
     disable_radix_cache: bool = _arg(False, "Do not reuse KV of shared prompt prefixes.")
-    schedule_policy: str = _arg("lpm", "Waiting-queue order: longest prefix match or FCFS.",
-                                ("lpm", "fcfs"))
+    schedule_policy: str = _arg(
+        "lpm", "Waiting-queue order: longest prefix match or FCFS.", ("lpm", "fcfs")
+    )
     disable_cuda_graph: bool = _arg(False, "Run decode eagerly instead of replaying CUDA graphs.")
 
     # Parallelism
@@ -81,21 +97,33 @@ class ServerArgs:
     # LoRA
     enable_lora: bool = _arg(False, "Serve LoRA adapters (implied by --lora-paths).")
     lora_paths: tuple[str, ...] = _arg(
-        (), "Adapters to load at start: PATH, NAME=PATH, or JSON "
-        '{"lora_name": ..., "lora_path": ..., "pinned": true}. PATH: a directory or a HF repo id.'
+        (),
+        "Adapters to load at start: PATH, NAME=PATH, or JSON "
+        '{"lora_name": ..., "lora_path": ..., "pinned": true}. PATH: a directory or a HF repo id.',
     )
-    max_loras_per_batch: int = _arg(8, "Adapter slots on the device (distinct adapters a batch "
-                                    "may use).")
-    max_loaded_loras: int | None = _arg(None, "Adapters kept parsed in host memory (LRU); "
-                                        "default: all.")
-    max_lora_rank: int | None = _arg(None, "Rank of the slot buffers (default: the largest "
-                                     "rank of --lora-paths, else 64).")
+    max_loras_per_batch: int = _arg(
+        8, "Adapter slots on the device (distinct adapters a batch may use)."
+    )
+    max_loaded_loras: int | None = _arg(
+        None, "Adapters kept parsed in host memory (LRU); default: all."
+    )
+    max_lora_rank: int | None = _arg(
+        None, "Rank of the slot buffers (default: the largest rank of --lora-paths, else 64)."
+    )
     lora_target_modules: tuple[str, ...] | None = _arg(
-        None, "Modules that get LoRA buffers (q_proj ... down_proj, qkv_proj, gate_up_proj, "
-        "embed_tokens, lm_head, or all). Default: those of --lora-paths, else all.")
+        None,
+        "Modules that get LoRA buffers (q_proj ... down_proj, qkv_proj, gate_up_proj, "
+        "embed_tokens, lm_head, or all). Default: those of --lora-paths, else all.",
+    )
     lora_backend: str = _arg("torch_native", "Dense LoRA kernels.", ("torch_native",))
-    lora_eviction_policy: str = _arg("lru", "Which resident adapter leaves its slot first.",
-                                     ("lru", "fifo"))
+    lora_eviction_policy: str = _arg(
+        "lru", "Which resident adapter leaves its slot first.", ("lru", "fifo")
+    )
+    experts_shared_outer_loras: bool = _arg(
+        False,
+        "Expert LoRA slots hold one gate/up A and one down B shared by all experts "
+        "(E× less memory for those); adapters with per-expert ones are then refused.",
+    )
 
     log_level: str = _arg("info", "Logging level.", ("debug", "info", "warning", "error"))
 
@@ -104,29 +132,42 @@ class ServerArgs:
             if not cond:
                 raise ConfigError(f"{flag_name(name)}: {why}, got {getattr(self, name)!r}")
 
-        need(self.model_path is not None or self.demo, "model_path",
-             "is required (or pass --demo)")
+        need(self.model_path is not None or self.demo, "model_path", "is required (or pass --demo)")
         need(1 <= self.port <= 65535, "port", "must be in 1..65535")
         need(0.0 < self.mem_fraction_static < 1.0, "mem_fraction_static", "must be in (0, 1)")
-        need(self.max_total_tokens is None or self.max_total_tokens >= 16, "max_total_tokens",
-             "must be >= 16")
+        need(
+            self.max_total_tokens is None or self.max_total_tokens >= 16,
+            "max_total_tokens",
+            "must be >= 16",
+        )
         need(self.max_running_requests >= 1, "max_running_requests", "must be >= 1")
-        need(self.chunked_prefill_size == -1 or self.chunked_prefill_size >= 1,
-             "chunked_prefill_size", "must be -1 (off) or >= 1")
+        need(
+            self.chunked_prefill_size == -1 or self.chunked_prefill_size >= 1,
+            "chunked_prefill_size",
+            "must be -1 (off) or >= 1",
+        )
         need(self.max_prefill_tokens >= 1, "max_prefill_tokens", "must be >= 1")
-        need(self.context_length is None or self.context_length >= 2, "context_length",
-             "must be >= 2")
+        need(
+            self.context_length is None or self.context_length >= 2,
+            "context_length",
+            "must be >= 2",
+        )
         need(self.tp_size >= 1, "tp_size", "must be >= 1")
         if self.lora_paths and not self.enable_lora:
             object.__setattr__(self, "enable_lora", True)
         need(self.max_loras_per_batch >= 1, "max_loras_per_batch", "must be >= 1")
-        need(self.max_lora_rank is None or self.max_lora_rank >= 1, "max_lora_rank",
-             "must be >= 1")
-        need(self.max_loaded_loras is None or self.max_loaded_loras >= self.max_loras_per_batch,
-             "max_loaded_loras", "must be >= --max-loras-per-batch")
+        need(self.max_lora_rank is None or self.max_lora_rank >= 1, "max_lora_rank", "must be >= 1")
+        need(
+            self.max_loaded_loras is None or self.max_loaded_loras >= self.max_loras_per_batch,
+            "max_loaded_loras",
+            "must be >= --max-loras-per-batch",
+        )
         unknown = [m for m in self.lora_target_modules or () if m not in LORA_TARGET_MODULES]
-        need(not unknown, "lora_target_modules",
-             f"names must be among {', '.join(LORA_TARGET_MODULES)}")
+        need(
+            not unknown,
+            "lora_target_modules",
+            f"names must be among {', '.join(LORA_TARGET_MODULES)}",
+        )
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices is not None:
@@ -141,8 +182,11 @@ class ServerArgs:
             if f.metadata.get("hidden"):
                 continue
             base, optional = _unwrap_optional(hints[f.name])
-            kw: dict[str, Any] = {"dest": f.name, "default": f.default,
-                                  "help": f"{f.metadata['help']} (default: {f.default})"}
+            kw: dict[str, Any] = {
+                "dest": f.name,
+                "default": f.default,
+                "help": f"{f.metadata['help']} (default: {f.default})",
+            }
             if base is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             elif typing.get_origin(base) is tuple:

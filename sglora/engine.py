@@ -34,8 +34,9 @@ class Engine:
 
             self.args = self.args.replace(model_path=str(demo_model_path()))
         self.device = resolve_device(self.args.device)
-        self.model_config = ModelConfig.load(self.args.model_path, self.args.dtype,
-                                             self.device.type, self.args.context_length)
+        self.model_config = ModelConfig.load(
+            self.args.model_path, self.args.dtype, self.device.type, self.args.context_length
+        )
         self.tokenizer = load_tokenizer(self.args.tokenizer_path or self.args.model_path)
         self.runner = ModelRunner(self.args, self.model_config, self.device)
         self.scheduler = Scheduler(self.args, self.runner, self.tokenizer)
@@ -54,8 +55,9 @@ class Engine:
 
         `lora_path`: the adapter name (as loaded) for every prompt, or a list aligned with
         the prompts (None: the base model)."""
-        single = isinstance(prompt, str) or (input_ids is not None and input_ids
-                                             and isinstance(input_ids[0], int))
+        single = isinstance(prompt, str) or (
+            input_ids is not None and input_ids and isinstance(input_ids[0], int)
+        )
         if prompt is not None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             ids = [self.tokenizer.encode(p) for p in prompts]
@@ -63,7 +65,9 @@ class Engine:
             ids = [input_ids] if single else [list(x) for x in input_ids]
         else:
             raise ValueError("generate() needs a prompt or input_ids")
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(ids)
+        params = (
+            sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(ids)
+        )
         if len(params) != len(ids):
             raise ValueError(f"{len(params)} sampling_params for {len(ids)} prompts")
         loras = lora_path if isinstance(lora_path, list) else [lora_path] * len(ids)
@@ -73,10 +77,17 @@ class Engine:
         for tokens, p, lora in zip(ids, params, loras):
             sp = p if isinstance(p, SamplingParams) else SamplingParams(**(p or {}))
             sp.verify(self.model_config.vocab_size)
-            reqs.append(TokenizedGenerateReq(
-                rid=uuid.uuid4().hex, input_ids=tokens, sampling_params=sp,
-                return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-                top_logprobs_num=top_logprobs_num, lora_name=lora))
+            reqs.append(
+                TokenizedGenerateReq(
+                    rid=uuid.uuid4().hex,
+                    input_ids=tokens,
+                    sampling_params=sp,
+                    return_logprob=return_logprob,
+                    logprob_start_len=logprob_start_len,
+                    top_logprobs_num=top_logprobs_num,
+                    lora_name=lora,
+                )
+            )
         results = self._run_to_completion(reqs)
         return results[0] if single else results
 
@@ -149,13 +160,14 @@ class _Accumulator:
             "finish_reason": reason,
         }
         if self.req.return_logprob:
-            meta["output_token_logprobs"] = [(lp, t, None)
-                                             for lp, t in zip(self.logprobs, self.output_ids)]
+            meta["output_token_logprobs"] = [
+                (lp, t, None) for lp, t in zip(self.logprobs, self.output_ids)
+            ]
             meta["input_token_logprobs"] = [(lp, t, None) for t, lp in (self.input_lp or [])]
             if self.req.top_logprobs_num:
-                meta["output_top_logprobs"] = [[(lp, t, None) for t, lp in row]
-                                               for row in self.top]
+                meta["output_top_logprobs"] = [[(lp, t, None) for t, lp in row] for row in self.top]
                 meta["input_top_logprobs"] = [
                     None if row is None else [(lp, t, None) for t, lp in row]
-                    for row in (self.input_top or [])]
+                    for row in (self.input_top or [])
+                ]
         return {"text": text, "output_ids": self.output_ids, "meta_info": meta}

@@ -5,14 +5,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu,
-         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+_ACTS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
 
 
 def get_act_fn(name: str):
     if name not in _ACTS:
-        raise ValueError(f"config field hidden_act={name!r} is not supported "
-                         f"(supported: {sorted(_ACTS)})")
+        raise ValueError(
+            f"config field hidden_act={name!r} is not supported (supported: {sorted(_ACTS)})"
+        )
     return _ACTS[name]
 
 

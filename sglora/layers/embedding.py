@@ -27,14 +27,18 @@ class VocabParallelEmbedding(nn.Module):
         self.start = self.tp_rank * self.shard_size
         # rows of the real vocabulary held here; the padding rows stay zero
         self.num_real = max(0, min(vocab_size - self.start, self.shard_size))
-        self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size, dtype=dtype),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.zeros(self.shard_size, hidden_size, dtype=dtype), requires_grad=False
+        )
         self.weight.weight_loader = self.weight_loader
         self.lora: Callable[..., torch.Tensor | None] | None = None  # set by lora/layers.py
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-        copy_checked(param.data[: self.num_real], narrow(loaded, 0, self.start, self.num_real),
-                     type(self).__name__)
+        copy_checked(
+            param.data[: self.num_real],
+            narrow(loaded, 0, self.start, self.num_real),
+            type(self).__name__,
+        )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -52,8 +56,7 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection sharded by vocabulary; `forward` is done by the logits processor."""
 
-    def forward(self, hidden: torch.Tensor, row_slots: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, row_slots: torch.Tensor | None = None) -> torch.Tensor:
         """[T, H] -> [T, shard_size]; `row_slots` [T]: the LoRA slot of each row, if any."""
         logits = F.linear(hidden, self.weight)
         if self.lora is not None and row_slots is not None:

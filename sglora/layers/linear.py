@@ -19,7 +19,7 @@ from sglora.distributed.parallel_state import divide, get_tp_rank, get_tp_size, 
 
 
 def narrow(loaded: Any, dim: int, start: int, length: int) -> torch.Tensor:
-    """Slice a tensor, or a lazy safetensors slice, along `dim` (only this rank's bytes are read)."""
+    """Slice a tensor, or a lazy safetensors slice, along `dim` (reads only this rank's bytes)."""
     index = (slice(None),) * dim + (slice(start, start + length),)
     return loaded[index]
 
@@ -31,8 +31,10 @@ def materialize(loaded: Any) -> torch.Tensor:
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
     loaded = materialize(loaded)
     if tuple(param.shape) != tuple(loaded.shape):
-        raise ValueError(f"shape mismatch for {what}: model has {tuple(param.shape)}, "
-                         f"checkpoint has {tuple(loaded.shape)}")
+        raise ValueError(
+            f"shape mismatch for {what}: model has {tuple(param.shape)}, "
+            f"checkpoint has {tuple(loaded.shape)}"
+        )
     param.data.copy_(loaded)
 
 
@@ -44,8 +46,9 @@ class LinearBase(nn.Module):
         super().__init__()
         self.lora: Callable[[torch.Tensor], torch.Tensor | None] | None = None
         self.in_features, self.out_features = in_features, out_features  # local (this rank)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=dtype), requires_grad=False
+        )
         self.weight.weight_loader = self.weight_loader
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
@@ -66,19 +69,30 @@ class LinearBase(nn.Module):
 class ReplicatedLinear(LinearBase):
     """Whole weight on every rank (MoE routers)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__(in_features, out_features, bias, dtype)
 
 
 class ColumnParallelLinear(LinearBase):
     """y = x Wᵀ with W split by output rows; each rank returns its slice of y."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+    ):
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        super().__init__(in_features, divide(out_features, self.tp_size, "output features"), bias,
-                         dtype)
+        super().__init__(
+            in_features, divide(out_features, self.tp_size, "output features"), bias, dtype
+        )
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         n = param.shape[0]
@@ -90,8 +104,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     Each rank holds `[gate_r; up_r]`: its slice of every sub-projection, stacked."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        output_sizes: list[int],
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+    ):
         self.output_sizes = output_sizes  # global sizes
         super().__init__(in_features, sum(output_sizes), bias, dtype)
         self.local_sizes = [divide(s, self.tp_size, "merged output") for s in output_sizes]
@@ -111,8 +130,15 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matmul; KV heads are replicated when tp > num_kv_heads."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+    ):
         tp = get_tp_size()
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, tp, "attention heads")
@@ -134,8 +160,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
             size, rank = self.kv_size, self.tp_rank // self.kv_replicas
-        copy_checked(param.data.narrow(0, offset, size), narrow(loaded, 0, rank * size, size),
-                     f"{shard_id}_proj")
+        copy_checked(
+            param.data.narrow(0, offset, size),
+            narrow(loaded, 0, rank * size, size),
+            f"{shard_id}_proj",
+        )
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -146,12 +175,19 @@ class RowParallelLinear(LinearBase):
 
     Bias is added once, after the reduction."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype | None = None, reduce_results: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        reduce_results: bool = True,
+    ):
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.reduce_results = reduce_results
-        super().__init__(divide(in_features, self.tp_size, "input features"), out_features, bias,
-                         dtype)
+        super().__init__(
+            divide(in_features, self.tp_size, "input features"), out_features, bias, dtype
+        )
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         if param.dim() == 1:  # bias

@@ -29,8 +29,9 @@ class LogitsProcessor(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
 
-    def compute_logits(self, hidden: torch.Tensor, lm_head: ParallelLMHead,
-                       row_slots: torch.Tensor | None = None) -> torch.Tensor:
+    def compute_logits(
+        self, hidden: torch.Tensor, lm_head: ParallelLMHead, row_slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if isinstance(lm_head, ParallelLMHead):
             local = lm_head(hidden, row_slots)
         else:  # tied to the input embedding
@@ -38,17 +39,20 @@ class LogitsProcessor(nn.Module):
         logits = tp_all_gather(local, dim=-1)
         return logits[:, : self.vocab_size].float()
 
-    def forward(self, hidden: torch.Tensor, lm_head: ParallelLMHead,
-                batch: ForwardBatch) -> LogitsOutput:
+    def forward(
+        self, hidden: torch.Tensor, lm_head: ParallelLMHead, batch: ForwardBatch
+    ) -> LogitsOutput:
         slots = batch.lora.token_slots if batch.lora is not None else None
         rows = batch.sample_indices
-        out = LogitsOutput(self.compute_logits(hidden[rows], lm_head,
-                                               None if slots is None else slots[rows]))
+        out = LogitsOutput(
+            self.compute_logits(hidden[rows], lm_head, None if slots is None else slots[rows])
+        )
         if batch.logprob_indices is not None:
             rows = batch.logprob_indices
             logprobs = torch.log_softmax(
-                self.compute_logits(hidden[rows], lm_head,
-                                    None if slots is None else slots[rows]), dim=-1)
+                self.compute_logits(hidden[rows], lm_head, None if slots is None else slots[rows]),
+                dim=-1,
+            )
             out.input_logprobs = logprobs.gather(1, batch.logprob_targets[:, None]).squeeze(1)
             if batch.top_logprobs_num > 0:
                 out.input_top_vals, out.input_top_ids = logprobs.topk(batch.top_logprobs_num)

@@ -16,8 +16,13 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_position: int, inv_freq: torch.Tensor,
-                 attention_scaling: float = 1.0):
+    def __init__(
+        self,
+        head_dim: int,
+        max_position: int,
+        inv_freq: torch.Tensor,
+        attention_scaling: float = 1.0,
+    ):
         super().__init__()
         self.head_dim = head_dim
         pos = torch.arange(max_position, dtype=torch.int64).float()
@@ -26,8 +31,9 @@ class RotaryEmbedding(nn.Module):
         cache = torch.cat([emb.cos() * attention_scaling, emb.sin() * attention_scaling], dim=-1)
         self.register_buffer("cos_sin_cache", cache, persistent=False)  # [P, 2D] float32
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq*D], k [T, Hk*D] -> rotated, same shapes and dtype."""
         cos, sin = self.cos_sin_cache[positions].to(q.dtype).chunk(2, dim=-1)  # [T, D] each
         return self._apply(q, cos, sin), self._apply(k, cos, sin)
@@ -44,8 +50,10 @@ def get_rope(config: PretrainedConfig, head_dim: int) -> RotaryEmbedding:
     params = dict(getattr(config, "rope_parameters", None) or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"config field rope_parameters.rope_type={rope_type!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        raise ValueError(
+            f"config field rope_parameters.rope_type={rope_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         raise ValueError("config field partial_rotary_factor != 1 is not supported")
     if rope_type == "default":

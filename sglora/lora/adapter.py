@@ -30,15 +30,22 @@ from sglora.lora.targets import ModelTargets
 _PREFIX = "base_model.model."
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _PER_EXPERT = re.compile(
-    r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)$")
+    r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)$"
+)
 # Full embedding weights PEFT stores beside embed_tokens / lm_head LoRA (save_embedding_layers).
 _SAVED_EMBEDDING = re.compile(r"(embed_tokens|lm_head)(\.base_layer)?\.weight$")
+# Compact 3D expert LoRA (one tensor for all experts, expert dim E or 1), as vLLM reads it.
+_COMPACT_EXPERTS = re.compile(
+    r"^(?:mlp|block_sparse_moe)\.experts\.(gate_proj|up_proj|down_proj|w1|w2|w3)$"
+)
 _EXPERT_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 # Parameters of a fused experts module, in module order (PEFT nests wrappers in this order).
 _FUSED_PARAMS = ("gate_up_proj", "down_proj")
 _UNSUPPORTED_CONFIG = {
-    "use_dora": "DoRA adapters", "lora_bias": "LoRA bias terms",
-    "trainable_token_indices": "trainable extra tokens", "modules_to_save": "modules_to_save",
+    "use_dora": "DoRA adapters",
+    "lora_bias": "LoRA bias terms",
+    "trainable_token_indices": "trainable extra tokens",
+    "modules_to_save": "modules_to_save",
 }
 
 
@@ -95,8 +102,10 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     f = path / "adapter_model.safetensors"
     if not f.is_file():
         if (path / "adapter_model.bin").is_file():
-            raise AdapterError(f"{path}: adapter_model.bin is a pickle file and is not loaded; "
-                               "save the adapter with safetensors")
+            raise AdapterError(
+                f"{path}: adapter_model.bin is a pickle file and is not loaded; "
+                "save the adapter with safetensors"
+            )
         raise AdapterError(f"{path}: no adapter_model.safetensors")
     try:
         return load_file(str(f))
@@ -150,16 +159,33 @@ def load_adapter(name: str, path: str | Path, targets: ModelTargets) -> LoRAAdap
             proj = _EXPERT_PROJ.get(pe.group(2), pe.group(2))
             r, s = scaling(module_path)
             _check_rank(a, r, module_path)
-            per_expert.setdefault((layer, f"experts.{proj}"), {})[int(pe.group(1))] = (
-                LoRAWeights(a, b * s))
+            per_expert.setdefault((layer, f"experts.{proj}"), {})[int(pe.group(1))] = LoRAWeights(
+                a, b * s
+            )
+        elif ce := _COMPACT_EXPERTS.match(rest):
+            proj = _EXPERT_PROJ.get(ce.group(1), ce.group(1))
+            r, s = scaling(module_path)
+            A = a if a.dim() == 3 else a.unsqueeze(0)
+            B = b if b.dim() == 3 else b.unsqueeze(0)
+            _check_rank(A[0], r, module_path)
+            adapter.modules[(layer, f"experts.{proj}")] = LoRAWeights(A, B * s)
         elif rest in ("mlp.experts", "block_sparse_moe.experts"):
             if depth >= len(fused):
-                raise AdapterError(f"{path}: cannot tell which expert tensor {module_path!r} "
-                                   "adapts (check target_parameters in adapter_config.json)")
+                raise AdapterError(
+                    f"{path}: cannot tell which expert tensor {module_path!r} "
+                    "adapts (check target_parameters in adapter_config.json)"
+                )
             param = fused[len(fused) - 1 - depth]
-            _add_fused_experts(adapter, layer, param, a, b,
-                               scaling(f"model.layers.{layer}.mlp.experts.{param}"), targets,
-                               module_path)
+            _add_fused_experts(
+                adapter,
+                layer,
+                param,
+                a,
+                b,
+                scaling(f"model.layers.{layer}.mlp.experts.{param}"),
+                targets,
+                module_path,
+            )
         else:
             _add_dense(adapter, layer, rest, a, b, scaling(module_path), module_path, targets)
     for (layer, name), experts in per_expert.items():
@@ -168,20 +194,22 @@ def load_adapter(name: str, path: str | Path, targets: ModelTargets) -> LoRAAdap
     return adapter
 
 
-def _pair_keys(tensors: dict[str, torch.Tensor], path: Path
-               ) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
+def _pair_keys(
+    tensors: dict[str, torch.Tensor], path: Path
+) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
     """{(module path, base_layer nesting depth): (A, B)} from the flat checkpoint keys."""
     found: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        k = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        k = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
         if "lora_magnitude_vector" in k:
             raise AdapterError(f"{path}: DoRA magnitude vectors ({key}) are not supported")
         if _SAVED_EMBEDDING.search(k):  # PEFT saves these next to embedding LoRA; checked later
             continue
         m = re.match(r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$", k)
         if not m:
-            raise AdapterError(f"{path}: unexpected tensor {key!r} (only LoRA A/B weights are "
-                               "supported)")
+            raise AdapterError(
+                f"{path}: unexpected tensor {key!r} (only LoRA A/B weights are supported)"
+            )
         module = m.group(1)
         depth = module.count(".base_layer")
         found.setdefault((module.replace(".base_layer", ""), depth), {})[m.group(2)[-1]] = t
@@ -191,15 +219,18 @@ def _pair_keys(tensors: dict[str, torch.Tensor], path: Path
     return {k: (ab["A"], ab["B"]) for k, ab in found.items()}
 
 
-def _check_saved_embeddings(tensors: dict[str, torch.Tensor], targets: ModelTargets,
-                            path: Path) -> None:
+def _check_saved_embeddings(
+    tensors: dict[str, torch.Tensor], targets: ModelTargets, path: Path
+) -> None:
     """Saved full embeddings are only served if they are the base model's size: a resized
     vocabulary (extra tokens) is not supported."""
     vocab = targets.model_wide["embed_tokens"].in_dim
     for key, t in tensors.items():
         if _SAVED_EMBEDDING.search(key) and t.shape[0] != vocab:
-            raise AdapterError(f"{path}: {key} has {t.shape[0]} rows but the model's vocabulary "
-                               f"has {vocab}; adapters with extra vocabulary are not supported")
+            raise AdapterError(
+                f"{path}: {key} has {t.shape[0]} rows but the model's vocabulary "
+                f"has {vocab}; adapters with extra vocabulary are not supported"
+            )
 
 
 def _fused_param_order(cfg: dict) -> list[str]:
@@ -209,8 +240,10 @@ def _fused_param_order(cfg: dict) -> list[str]:
 
 def _check_rank(a: torch.Tensor, r: int, where: str, experts: int = 1) -> None:
     if a.shape[0] != r * experts:
-        raise AdapterError(f"{where}: lora_A has {a.shape[0]} rows, expected rank {r}"
-                           + (f" × {experts} experts" if experts > 1 else ""))
+        raise AdapterError(
+            f"{where}: lora_A has {a.shape[0]} rows, expected rank {r}"
+            + (f" × {experts} experts" if experts > 1 else "")
+        )
 
 
 def _add_model_wide(adapter, module_path, a, b, scaling, targets) -> None:
@@ -230,8 +263,9 @@ def _add_dense(adapter, layer, rest, a, b, rs, module_path, targets) -> None:
         prefix = "shared_expert." if parent.endswith("shared_expert") else ""
         sizes = [_shape(targets, layer, prefix + n, module_path).out_dim for n in names]
         if b.shape[0] != sum(sizes):
-            raise AdapterError(f"{module_path}: lora_B has {b.shape[0]} rows, expected "
-                               f"{sum(sizes)}")
+            raise AdapterError(
+                f"{module_path}: lora_B has {b.shape[0]} rows, expected {sum(sizes)}"
+            )
         for n, bb in zip(names, b.split(sizes)):
             adapter.modules[(layer, prefix + n)] = LoRAWeights(a, bb * s)
         return
@@ -255,14 +289,24 @@ def _add_fused_experts(adapter, layer, param, a, b, rs, targets, where) -> None:
     r, s = rs
     gate = _shape(targets, layer, "experts.gate_proj", where)
     e = gate.num_experts
-    _check_rank(a, r, where, e)
-    A = a.reshape(e, r, a.shape[-1])  # expert-major rows
-    B = b.reshape(b.shape[0], r, e).permute(2, 0, 1).contiguous() * s  # expert-minor columns
+    # A is [E·r, in] expert-major, or [r, in] when shared by all experts ("shared outer");
+    # B is [out, r·E] expert-minor, or [out, r] when shared.
+    ea = e if a.shape[0] == e * r else 1
+    eb = e if b.shape[1] == e * r else 1
+    _check_rank(a, r, where, ea)
+    if b.shape[1] != eb * r:
+        raise AdapterError(
+            f"{where}: lora_B has {b.shape[1]} columns, expected rank {r} (× {e} "
+            "experts, or shared)"
+        )
+    A = a.reshape(ea, r, a.shape[-1])
+    B = b.reshape(b.shape[0], r, eb).permute(2, 0, 1).contiguous() * s
     if param == "gate_up_proj":
         inter = gate.out_dim
-        if B.shape[1] != 2 * inter:
-            raise AdapterError(f"{where}: gate_up lora_B has {B.shape[1]} rows, expected "
-                               f"{2 * inter}")
+        if B.shape[-2] != 2 * inter:
+            raise AdapterError(
+                f"{where}: gate_up lora_B has {B.shape[1]} rows, expected {2 * inter}"
+            )
         adapter.modules[(layer, "experts.gate_proj")] = LoRAWeights(A, B[:, :inter].contiguous())
         adapter.modules[(layer, "experts.up_proj")] = LoRAWeights(A, B[:, inter:].contiguous())
     else:
@@ -272,8 +316,10 @@ def _add_fused_experts(adapter, layer, param, a, b, rs, targets, where) -> None:
 def _stack_experts(experts: dict[int, LoRAWeights], targets, layer, name) -> LoRAWeights:
     shape = _shape(targets, layer, name, f"layer {layer} {name}")
     if max(experts) >= shape.num_experts:
-        raise AdapterError(f"layer {layer} {name}: expert {max(experts)} does not exist "
-                           f"(the model has {shape.num_experts})")
+        raise AdapterError(
+            f"layer {layer} {name}: expert {max(experts)} does not exist "
+            f"(the model has {shape.num_experts})"
+        )
     first = next(iter(experts.values()))
     A = torch.zeros(shape.num_experts, *first.A.shape)
     B = torch.zeros(shape.num_experts, *first.B.shape)
@@ -292,9 +338,21 @@ def _validate(adapter: LoRAAdapter, targets: ModelTargets, path: Path) -> None:
         shape = targets.shape(layer, name)
         if shape is None:
             raise AdapterError(f"{where}: the model has no such module")
-        lead = (shape.num_experts,) if shape.num_experts else ()
-        want_a = (*lead, w.rank, shape.in_dim)
-        want_b = (*lead, shape.out_dim, w.rank)
-        if tuple(w.A.shape) != want_a or tuple(w.B.shape) != want_b:
-            raise AdapterError(f"{where}: LoRA shapes A{tuple(w.A.shape)} B{tuple(w.B.shape)} "
-                               f"do not fit the model (expected A{want_a} B{want_b})")
+        ok = True
+        if shape.num_experts:  # expert dim E, or 1 when shared by all experts
+            ok = (
+                w.A.dim() == 3
+                and w.B.dim() == 3
+                and w.A.shape[0] in (1, shape.num_experts)
+                and w.B.shape[0] in (1, shape.num_experts)
+            )
+            lead_a, lead_b = (w.A.shape[0],), (w.B.shape[0],)
+        else:
+            lead_a = lead_b = ()
+        want_a = (*lead_a, w.rank, shape.in_dim)
+        want_b = (*lead_b, shape.out_dim, w.rank)
+        if not ok or tuple(w.A.shape) != want_a or tuple(w.B.shape) != want_b:
+            raise AdapterError(
+                f"{where}: LoRA shapes A{tuple(w.A.shape)} B{tuple(w.B.shape)} "
+                f"do not fit the model (expected A{want_a} B{want_b})"
+            )

@@ -20,8 +20,10 @@ if TYPE_CHECKING:
 
 # pool group -> submodule of a decoder layer
 LAYER_MODULES = {
-    "qkv_proj": "self_attn.qkv_proj", "o_proj": "self_attn.o_proj",
-    "gate_up_proj": "mlp.gate_up_proj", "down_proj": "mlp.down_proj",
+    "qkv_proj": "self_attn.qkv_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate_up_proj": "mlp.gate_up_proj",
+    "down_proj": "mlp.down_proj",
     "shared_expert.gate_up_proj": "mlp.shared_expert.gate_up_proj",
     "shared_expert.down_proj": "mlp.shared_expert.down_proj",
 }
@@ -35,8 +37,9 @@ class LinearLoRAHook:
         info = self.manager.batch_info
         if info is None:
             return None
-        return self.manager.backend.linear_delta(x, self.buf.A, self.buf.B, self.buf.out_sizes,
-                                                 info.token_slots, info.active_slots)
+        return self.manager.backend.linear_delta(
+            x, self.buf.A, self.buf.B, self.buf.out_sizes, info.token_slots, info.active_slots
+        )
 
 
 class EmbeddingLoRAHook:
@@ -47,9 +50,9 @@ class EmbeddingLoRAHook:
         info = self.manager.batch_info
         if info is None:
             return None
-        return self.manager.backend.embedding_delta(ids, self.buf.A, self.buf.B,
-                                                    self.vocab_start, info.token_slots,
-                                                    info.active_slots)
+        return self.manager.backend.embedding_delta(
+            ids, self.buf.A, self.buf.B, self.vocab_start, info.token_slots, info.active_slots
+        )
 
 
 class LMHeadLoRAHook(LinearLoRAHook):
@@ -57,8 +60,9 @@ class LMHeadLoRAHook(LinearLoRAHook):
         info = self.manager.batch_info
         if info is None:
             return None
-        return self.manager.backend.linear_delta(x, self.buf.A, self.buf.B, self.buf.out_sizes,
-                                                 row_slots, info.active_slots)
+        return self.manager.backend.linear_delta(
+            x, self.buf.A, self.buf.B, self.buf.out_sizes, row_slots, info.active_slots
+        )
 
 
 def attach_lora(model: nn.Module, manager: LoRAManager) -> None:
@@ -66,13 +70,13 @@ def attach_lora(model: nn.Module, manager: LoRAManager) -> None:
     for (layer, group), buf in manager.pool.buffers.items():
         if layer is None:
             if group == "embed_tokens":
-                model.embed_tokens.lora = EmbeddingLoRAHook(manager, buf,
-                                                            model.embed_tokens.start)
+                model.embed_tokens.lora = EmbeddingLoRAHook(manager, buf, model.embed_tokens.start)
             else:
                 model.lm_head.lora = LMHeadLoRAHook(manager, buf)
         elif group in LAYER_MODULES:
             model.layers[layer].get_submodule(LAYER_MODULES[group]).lora = LinearLoRAHook(
-                manager, buf)
+                manager, buf
+            )
     for i, layer in enumerate(model.layers):
         gate_up = manager.pool.buffers.get((i, "experts.gate_up_proj"))
         down = manager.pool.buffers.get((i, "experts.down_proj"))

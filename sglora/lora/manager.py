@@ -28,13 +28,17 @@ logger = logging.getLogger(__name__)
 
 # --lora-target-modules names -> pool groups
 _TARGET_GROUPS = {
-    "q_proj": ["qkv_proj"], "k_proj": ["qkv_proj"], "v_proj": ["qkv_proj"],
-    "qkv_proj": ["qkv_proj"], "o_proj": ["o_proj"],
+    "q_proj": ["qkv_proj"],
+    "k_proj": ["qkv_proj"],
+    "v_proj": ["qkv_proj"],
+    "qkv_proj": ["qkv_proj"],
+    "o_proj": ["o_proj"],
     "gate_proj": ["gate_up_proj", "shared_expert.gate_up_proj", "experts.gate_up_proj"],
     "up_proj": ["gate_up_proj", "shared_expert.gate_up_proj", "experts.gate_up_proj"],
     "gate_up_proj": ["gate_up_proj", "shared_expert.gate_up_proj", "experts.gate_up_proj"],
     "down_proj": ["down_proj", "shared_expert.down_proj", "experts.down_proj"],
-    "embed_tokens": ["embed_tokens"], "lm_head": ["lm_head"],
+    "embed_tokens": ["embed_tokens"],
+    "lm_head": ["lm_head"],
 }
 assert set(_TARGET_GROUPS) | {"all"} == set(LORA_TARGET_MODULES)
 
@@ -57,8 +61,9 @@ def parse_lora_paths(specs: tuple[str, ...]) -> list[tuple[str, str, bool]]:
 
 
 class LoRAManager:
-    def __init__(self, args: ServerArgs, model: nn.Module, dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(
+        self, args: ServerArgs, model: nn.Module, dtype: torch.dtype, device: torch.device
+    ):
         self.args, self.device = args, device
         self.targets: ModelTargets = model_targets(model)
         self.registry = LoRARegistry(self.targets, args.max_loaded_loras)
@@ -67,8 +72,15 @@ class LoRAManager:
         adapters = [(self.registry.register(n, p, pin), pin) for n, p, pin in initial]
         groups = self._enabled_groups(args.lora_target_modules, [a for a, _ in adapters])
         max_rank = args.max_lora_rank or max((a.max_rank for a, _ in adapters), default=64)
-        self.pool = LoRASlotPool(self.targets, groups, args.max_loras_per_batch, max_rank,
-                                 dtype, device)
+        self.pool = LoRASlotPool(
+            self.targets,
+            groups,
+            args.max_loras_per_batch,
+            max_rank,
+            dtype,
+            device,
+            args.experts_shared_outer_loras,
+        )
         self.backend = LORA_BACKENDS[args.lora_backend]()
         self.slot_of: dict[str, int] = {}
         self.pinned: set[str] = set()
@@ -78,9 +90,13 @@ class LoRAManager:
         attach_lora(model, self)
         for adapter, pinned in adapters:
             self._check_and_pin(adapter, pinned)
-        logger.info("LoRA: %d slots at rank %d, %.2f GB of buffers; adapters: %s",
-                    self.pool.num_slots, max_rank, self.pool.nbytes() / 1e9,
-                    list(self.registry.refs) or "none")
+        logger.info(
+            "LoRA: %d slots at rank %d, %.2f GB of buffers; adapters: %s",
+            self.pool.num_slots,
+            max_rank,
+            self.pool.nbytes() / 1e9,
+            list(self.registry.refs) or "none",
+        )
 
     @staticmethod
     def _enabled_groups(names: tuple[str, ...] | None, adapters: list[LoRAAdapter]) -> set[str]:
@@ -104,9 +120,11 @@ class LoRAManager:
         self.pool.check_fits(adapter)
         if pinned:
             if len(self.pinned) + 1 >= self.pool.num_slots:
-                raise AdapterError(f"cannot pin {adapter.name!r}: at most "
-                                   f"{self.pool.num_slots - 1} adapters can be pinned "
-                                   f"(--max-loras-per-batch {self.pool.num_slots})")
+                raise AdapterError(
+                    f"cannot pin {adapter.name!r}: at most "
+                    f"{self.pool.num_slots - 1} adapters can be pinned "
+                    f"(--max-loras-per-batch {self.pool.num_slots})"
+                )
             self._ensure_resident(adapter.name, protect=set())
             self.pinned.add(adapter.name)
 

@@ -33,8 +33,9 @@ GROUPS: dict[str, GroupSpec] = {
     "o_proj": GroupSpec(("o_proj",), "row"),
     "gate_up_proj": GroupSpec(("gate_proj", "up_proj"), "column"),
     "down_proj": GroupSpec(("down_proj",), "row"),
-    "shared_expert.gate_up_proj": GroupSpec(("shared_expert.gate_proj",
-                                             "shared_expert.up_proj"), "column"),
+    "shared_expert.gate_up_proj": GroupSpec(
+        ("shared_expert.gate_proj", "shared_expert.up_proj"), "column"
+    ),
     "shared_expert.down_proj": GroupSpec(("shared_expert.down_proj",), "row"),
     "experts.gate_up_proj": GroupSpec(("experts.gate_proj", "experts.up_proj"), "column"),
     "experts.down_proj": GroupSpec(("experts.down_proj",), "row"),
@@ -58,9 +59,19 @@ def _shard(n: int, tp: int, what: str) -> int:
 
 
 class LoRASlotPool:
-    def __init__(self, targets: ModelTargets, enabled_groups: set[str], num_slots: int,
-                 max_rank: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        targets: ModelTargets,
+        enabled_groups: set[str],
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        shared_outer: bool = False,
+    ):
         self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
+        # shared outer: expert gate/up A and down B have expert dim 1 (one for all experts)
+        self.shared_outer = shared_outer
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.slot_names: list[str | None] = [None] * num_slots
         self.buffers: dict[tuple[int | None, str], GroupBuffers] = {}
@@ -69,24 +80,37 @@ class LoRASlotPool:
         for layer, shapes in layers:
             for group, spec in GROUPS.items():
                 if group in enabled_groups and all(s in shapes for s in spec.subs):
-                    self.buffers[(layer, group)] = self._alloc(spec, [shapes[s] for s in
-                                                                      spec.subs])
+                    self.buffers[(layer, group)] = self._alloc(
+                        group, spec, [shapes[s] for s in spec.subs]
+                    )
 
-    def _alloc(self, spec: GroupSpec, shapes) -> GroupBuffers:
+    def _alloc(self, group: str, spec: GroupSpec, shapes) -> GroupBuffers:
         s, r, tp, c = self.num_slots, self.max_rank, self.tp_size, len(spec.subs)
         lead = (shapes[0].num_experts,) if shapes[0].num_experts else ()
+        lead_a = lead_b = lead
+        if self.shared_outer and group == "experts.gate_up_proj":
+            lead_a = (1,)
+        elif self.shared_outer and group == "experts.down_proj":
+            lead_b = (1,)
         in_dim = shapes[0].in_dim
         outs = tuple(sh.out_dim for sh in shapes)
         if spec.parallel in ("column", "vocab_head"):
-            outs = tuple(_shard(o, tp, "a LoRA output dimension") if spec.parallel == "column"
-                         else -(-o // tp) for o in outs)
+            outs = tuple(
+                _shard(o, tp, "a LoRA output dimension")
+                if spec.parallel == "column"
+                else -(-o // tp)
+                for o in outs
+            )
         elif spec.parallel == "row":
             in_dim = _shard(in_dim, tp, "a LoRA input dimension")
         elif spec.parallel == "vocab_embed":
             in_dim = -(-in_dim // tp)
         kw = {"dtype": self.dtype, "device": self.device}
-        return GroupBuffers(torch.zeros(s, *lead, c * r, in_dim, **kw),
-                            torch.zeros(s, *lead, sum(outs), r, **kw), outs)
+        return GroupBuffers(
+            torch.zeros(s, *lead_a, c * r, in_dim, **kw),
+            torch.zeros(s, *lead_b, sum(outs), r, **kw),
+            outs,
+        )
 
     def nbytes(self) -> int:
         return sum(b.A.nbytes + b.B.nbytes for b in self.buffers.values())
@@ -95,11 +119,21 @@ class LoRASlotPool:
         """Raise AdapterError if the adapter targets a module without buffers or is too large."""
         for (layer, name), w in adapter.modules.items():
             if w.rank > self.max_rank:
-                raise AdapterError(f"adapter {adapter.name!r}: rank {w.rank} of {name} exceeds "
-                                   f"--max-lora-rank {self.max_rank}")
-            if (layer, GROUP_OF[name]) not in self.buffers:
-                raise AdapterError(f"adapter {adapter.name!r} targets {name}, which is not in "
-                                   "--lora-target-modules of this server")
+                raise AdapterError(
+                    f"adapter {adapter.name!r}: rank {w.rank} of {name} exceeds "
+                    f"--max-lora-rank {self.max_rank}"
+                )
+            buf = self.buffers.get((layer, GROUP_OF[name]))
+            if buf is None:
+                raise AdapterError(
+                    f"adapter {adapter.name!r} targets {name}, which is not in "
+                    "--lora-target-modules of this server"
+                )
+            if w.A.dim() == 3 and (w.A.shape[0] > buf.A.shape[1] or w.B.shape[0] > buf.B.shape[1]):
+                raise AdapterError(
+                    f"adapter {adapter.name!r}: {name} has per-expert LoRA where "
+                    "--experts-shared-outer-loras slots hold one for all experts"
+                )
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
         """Copy an adapter's canonical tensors into `slot` (sliced for this TP rank)."""
@@ -112,24 +146,31 @@ class LoRASlotPool:
             self._write(buf, spec, i, slot, w.A, w.B)
         self.slot_names[slot] = adapter.name
 
-    def _write(self, buf: GroupBuffers, spec: GroupSpec, i: int, slot: int,
-               A: torch.Tensor, B: torch.Tensor) -> None:
+    def _write(
+        self,
+        buf: GroupBuffers,
+        spec: GroupSpec,
+        i: int,
+        slot: int,
+        A: torch.Tensor,
+        B: torch.Tensor,
+    ) -> None:
         r, R, rank = A.shape[-2], self.max_rank, self.tp_rank
         out = buf.out_sizes[i]
         off = sum(buf.out_sizes[:i])
         if spec.parallel == "row":
             n = buf.A.shape[-1]
-            A = A[..., rank * n:(rank + 1) * n]
+            A = A[..., rank * n : (rank + 1) * n]
         elif spec.parallel == "vocab_embed":
             n = buf.A.shape[-1]
-            A = A[..., rank * n:(rank + 1) * n]
-            buf.A[slot, ..., i * R:i * R + r, : A.shape[-1]] = A.to(buf.A)
+            A = A[..., rank * n : (rank + 1) * n]
+            buf.A[slot, ..., i * R : i * R + r, : A.shape[-1]] = A.to(buf.A)
             buf.B[slot, ..., :, :r] = B.to(buf.B)
             return
         else:
-            B = B[..., rank * out:(rank + 1) * out, :]
-        buf.A[slot, ..., i * R:i * R + r, :] = A.to(buf.A)
-        buf.B[slot, ..., off:off + B.shape[-2], :r] = B.to(buf.B)
+            B = B[..., rank * out : (rank + 1) * out, :]
+        buf.A[slot, ..., i * R : i * R + r, :] = A.to(buf.A)
+        buf.B[slot, ..., off : off + B.shape[-2], :r] = B.to(buf.B)
 
     def clear(self, slot: int) -> None:
         for buf in self.buffers.values():
@@ -143,4 +184,5 @@ class LoRASlotPool:
             if name is None:
                 for (layer, group), buf in self.buffers.items():
                     assert not buf.A[s].any() and not buf.B[s].any(), (
-                        f"empty LoRA slot {s} holds stale weights in {group} of layer {layer}")
+                        f"empty LoRA slot {s} holds stale weights in {group} of layer {layer}"
+                    )

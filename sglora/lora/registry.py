@@ -33,11 +33,16 @@ def resolve_adapter_path(path: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(path, allow_patterns=["adapter_config.json",
-                                                            "adapter_model.safetensors"]))
+        return Path(
+            snapshot_download(
+                path, allow_patterns=["adapter_config.json", "adapter_model.safetensors"]
+            )
+        )
     except Exception as e:  # noqa: BLE001 - any hub failure means: no such adapter here
-        raise AdapterError(f"{path}: not a local directory and not fetchable from the Hugging "
-                           f"Face hub ({type(e).__name__})") from e
+        raise AdapterError(
+            f"{path}: not a local directory and not fetchable from the Hugging "
+            f"Face hub ({type(e).__name__})"
+        ) from e
 
 
 class LoRARegistry:

@@ -41,9 +41,11 @@ class ModelTargets:
 
 
 def _mlp_shapes(prefix: str, hidden: int, inter: int, experts: int = 0) -> dict[str, TargetShape]:
-    return {f"{prefix}gate_proj": TargetShape(hidden, inter, experts),
-            f"{prefix}up_proj": TargetShape(hidden, inter, experts),
-            f"{prefix}down_proj": TargetShape(inter, hidden, experts)}
+    return {
+        f"{prefix}gate_proj": TargetShape(hidden, inter, experts),
+        f"{prefix}up_proj": TargetShape(hidden, inter, experts),
+        f"{prefix}down_proj": TargetShape(inter, hidden, experts),
+    }
 
 
 def model_targets(model: nn.Module) -> ModelTargets:
@@ -52,8 +54,12 @@ def model_targets(model: nn.Module) -> ModelTargets:
     h, d = c.hidden_size, head_dim_of(c)
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or heads
-    attn = {"q_proj": TargetShape(h, heads * d), "k_proj": TargetShape(h, kv * d),
-            "v_proj": TargetShape(h, kv * d), "o_proj": TargetShape(heads * d, h)}
+    attn = {
+        "q_proj": TargetShape(h, heads * d),
+        "k_proj": TargetShape(h, kv * d),
+        "v_proj": TargetShape(h, kv * d),
+        "o_proj": TargetShape(heads * d, h),
+    }
     layers = []
     for layer in model.layers:
         shapes = dict(attn)
@@ -62,8 +68,7 @@ def model_targets(model: nn.Module) -> ModelTargets:
             inter = mlp.experts.intermediate * mlp.experts.tp_size
             shapes.update(_mlp_shapes("experts.", h, inter, num_experts_of(c)))
             if hasattr(mlp, "shared_expert"):
-                shapes.update(_mlp_shapes("shared_expert.", h,
-                                          c.shared_expert_intermediate_size))
+                shapes.update(_mlp_shapes("shared_expert.", h, c.shared_expert_intermediate_size))
         elif isinstance(mlp, LlamaMLP):
             shapes.update(_mlp_shapes("", h, c.intermediate_size))
         layers.append(shapes)

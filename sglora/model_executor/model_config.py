@@ -27,11 +27,16 @@ def resolve_model_dir(path: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt",
-                                                            "*.model", "*.jinja"]))
+        return Path(
+            snapshot_download(
+                path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+            )
+        )
     except Exception as e:  # noqa: BLE001 - any hub failure is a config problem for the user
-        raise ConfigError(f"--model-path: {path!r} is not a directory and could not be fetched "
-                          f"from the Hugging Face hub ({type(e).__name__}: {e})") from e
+        raise ConfigError(
+            f"--model-path: {path!r} is not a directory and could not be fetched "
+            f"from the Hugging Face hub ({type(e).__name__}: {e})"
+        ) from e
 
 
 @dataclass
@@ -65,8 +70,13 @@ class ModelConfig:
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
     @classmethod
-    def load(cls, model_path: str, dtype: str = "auto", device: str = "cpu",
-             context_length: int | None = None) -> ModelConfig:
+    def load(
+        cls,
+        model_path: str,
+        dtype: str = "auto",
+        device: str = "cpu",
+        context_length: int | None = None,
+    ) -> ModelConfig:
         path = resolve_model_dir(model_path)
         if not (path / "config.json").is_file():
             raise ConfigError(f"--model-path: no config.json in {path}")
@@ -75,14 +85,18 @@ class ModelConfig:
             raise ConfigError(f"config.json in {path}: field 'architectures' is missing")
         model_len = getattr(hf_config, "max_position_embeddings", None) or 4096
         if context_length is not None and context_length > model_len:
-            raise ConfigError(f"--context-length: {context_length} exceeds the model's "
-                              f"max_position_embeddings {model_len}")
+            raise ConfigError(
+                f"--context-length: {context_length} exceeds the model's "
+                f"max_position_embeddings {model_len}"
+            )
         window = getattr(hf_config, "sliding_window", None)
         if window and getattr(hf_config, "use_sliding_window", True) and window < model_len:
             # Within the window, sliding-window attention equals full attention.
             if context_length is not None and context_length > window:
-                raise ConfigError(f"--context-length: {context_length} exceeds the model's "
-                                  f"sliding_window {window}, which sglora does not implement")
+                raise ConfigError(
+                    f"--context-length: {context_length} exceeds the model's "
+                    f"sliding_window {window}, which sglora does not implement"
+                )
             model_len = window
         return cls(
             path=path,

@@ -58,8 +58,13 @@ class ModelRunner:
         else:
             load_weights(self.model, iterate_weights(cfg.path))
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        logger.info("loaded %s (%s, %.2f GB of weights) on %s", cfg.architecture, cfg.dtype,
-                    self.weight_bytes / 1e9, self.device)
+        logger.info(
+            "loaded %s (%s, %.2f GB of weights) on %s",
+            cfg.architecture,
+            cfg.dtype,
+            self.weight_bytes / 1e9,
+            self.device,
+        )
 
     def init_lora(self) -> None:
         """Slot buffers come before the KV cache, which gets what is left."""
@@ -67,8 +72,9 @@ class ModelRunner:
         if self.args.enable_lora:
             from sglora.lora.manager import LoRAManager
 
-            self.lora_manager = LoRAManager(self.args, self.model, self.model_config.dtype,
-                                            self.device)
+            self.lora_manager = LoRAManager(
+                self.args, self.model, self.model_config.dtype, self.device
+            )
 
     def kv_capacity(self) -> int:
         """KV tokens: --max-total-tokens, else what --mem-fraction-static leaves on the GPU."""
@@ -80,11 +86,14 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         budget = total * self.args.mem_fraction_static - used
-        per_token = KVPool.bytes_per_token(cfg.num_layers, self.kv_heads_local(), cfg.head_dim,
-                                           cfg.dtype)
+        per_token = KVPool.bytes_per_token(
+            cfg.num_layers, self.kv_heads_local(), cfg.head_dim, cfg.dtype
+        )
         if budget < per_token * 64:
-            raise ValueError(f"--mem-fraction-static {self.args.mem_fraction_static} leaves no "
-                             f"room for the KV cache after {used / 1e9:.1f} GB in use")
+            raise ValueError(
+                f"--mem-fraction-static {self.args.mem_fraction_static} leaves no "
+                f"room for the KV cache after {used / 1e9:.1f} GB in use"
+            )
         return int(budget // per_token)
 
     def kv_heads_local(self) -> int:
@@ -93,11 +102,13 @@ class ModelRunner:
     def init_memory_pool(self) -> None:
         cfg = self.model_config
         size = self.kv_capacity()
-        self.kv_pool = KVPool(size, cfg.num_layers, self.kv_heads_local(), cfg.head_dim,
-                              cfg.dtype, self.device)
+        self.kv_pool = KVPool(
+            size, cfg.num_layers, self.kv_heads_local(), cfg.head_dim, cfg.dtype, self.device
+        )
         self.allocator = TokenToKVAllocator(size, self.device)
-        self.req_to_token_pool = ReqToTokenPool(self.args.max_running_requests + 1,
-                                                cfg.context_len + 1, self.device)
+        self.req_to_token_pool = ReqToTokenPool(
+            self.args.max_running_requests + 1, cfg.context_len + 1, self.device
+        )
         self.radix_cache = RadixCache(self.allocator, disable=self.args.disable_radix_cache)
         logger.info("KV cache: %d tokens (%.2f GB)", size, self.kv_pool.size_bytes() / 1e9)
 
@@ -110,6 +121,7 @@ class ModelRunner:
         batch.attn_backend = self.attn_backend
         self.attn_backend.init_forward_metadata(batch)
         if self.lora_manager is not None:
-            batch.lora = self.lora_manager.prepare(batch.lora_names or [None] * batch.batch_size,
-                                                   batch.extend_seq_lens_cpu)
+            batch.lora = self.lora_manager.prepare(
+                batch.lora_names or [None] * batch.batch_size, batch.extend_seq_lens_cpu
+            )
         return self.model(batch)

@@ -24,8 +24,14 @@ logger = logging.getLogger(__name__)
 
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 _FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
-_EXPERT_SHARD = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3",
-                 "down_proj": "w2", "w2": "w2"}
+_EXPERT_SHARD = {
+    "gate_proj": "w1",
+    "w1": "w1",
+    "up_proj": "w3",
+    "w3": "w3",
+    "down_proj": "w2",
+    "w2": "w2",
+}
 
 
 class WeightLoadError(ValueError):
@@ -40,7 +46,9 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         bins = list(model_dir.glob("*.bin")) + list(model_dir.glob("*.pt"))
-        hint = " (pickle .bin/.pt checkpoints are not loaded; convert to safetensors)" if bins else ""
+        hint = (
+            " (pickle .bin/.pt checkpoints are not loaded; convert to safetensors)" if bins else ""
+        )
         raise WeightLoadError(f"no *.safetensors weights in {model_dir}{hint}")
     return files
 
@@ -58,8 +66,9 @@ def resolve(name: str, stacked: list[tuple[str, str, Any]]) -> tuple[str, dict[s
     if m := _PER_EXPERT.search(name):
         expert, proj = int(m.group(1)), m.group(2)
         shard = _EXPERT_SHARD[proj]
-        param = name[: m.start()] + (".experts.w2_weight" if shard == "w2"
-                                     else ".experts.w13_weight")
+        param = name[: m.start()] + (
+            ".experts.w2_weight" if shard == "w2" else ".experts.w13_weight"
+        )
         return param, {"shard_id": shard, "expert_id": expert}
     if m := _FUSED_EXPERTS.search(name):
         fused = m.group(1) == "gate_up_proj"
@@ -81,8 +90,10 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, Any]]) -> None:
             continue
         param_name, kwargs = resolve(name, model.stacked_params_mapping)
         if param_name not in params:
-            raise WeightLoadError(f"checkpoint tensor {ckpt_name!r} has no place in "
-                                  f"{type(model).__name__} (looked for {param_name!r})")
+            raise WeightLoadError(
+                f"checkpoint tensor {ckpt_name!r} has no place in "
+                f"{type(model).__name__} (looked for {param_name!r})"
+            )
         param = params[param_name]
         try:
             param.weight_loader(param, tensor, **kwargs)

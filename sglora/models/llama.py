@@ -31,9 +31,16 @@ class LlamaAttention(nn.Module):
     qk_norm: None; "head" (Qwen3: per head over head_dim); "full" (OLMoE: over the whole
     projection, before the split into heads)."""
 
-    def __init__(self, config: PretrainedConfig, layer_id: int, rotary: RotaryEmbedding,
-                 dtype: torch.dtype, qkv_bias: bool = False, o_bias: bool = False,
-                 qk_norm: str | None = None):
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        layer_id: int,
+        rotary: RotaryEmbedding,
+        dtype: torch.dtype,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm: str | None = None,
+    ):
         super().__init__()
         hidden, heads = config.hidden_size, config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -41,8 +48,9 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(hidden, head_dim, heads, kv_heads, qkv_bias, dtype)
         self.o_proj = RowParallelLinear(heads * head_dim, hidden, o_bias, dtype)
         self.rotary = rotary
-        self.attn = Attention(self.qkv_proj.num_heads, head_dim, self.qkv_proj.num_kv_heads,
-                              layer_id)
+        self.attn = Attention(
+            self.qkv_proj.num_heads, head_dim, self.qkv_proj.num_kv_heads, layer_id
+        )
         self.qk_norm, self.head_dim = qk_norm, head_dim
         self.clip_qkv = getattr(config, "clip_qkv", None)
         eps = config.rms_norm_eps
@@ -55,8 +63,9 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(heads * head_dim, eps, dtype)
             self.k_norm = RMSNorm(kv_heads * head_dim, eps, dtype)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                batch: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         if self.qk_norm == "head":
             t = q.shape[0]
@@ -71,12 +80,20 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, act: str, dtype: torch.dtype,
-                 bias: bool = False, reduce_results: bool = True):
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        act: str,
+        dtype: torch.dtype,
+        bias: bool = False,
+        reduce_results: bool = True,
+    ):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias, dtype)
-        self.down_proj = RowParallelLinear(intermediate, hidden, bias, dtype,
-                                           reduce_results=reduce_results)
+        self.down_proj = RowParallelLinear(
+            intermediate, hidden, bias, dtype, reduce_results=reduce_results
+        )
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,16 +103,21 @@ class LlamaMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)); residual add fused in the norm."""
 
-    def __init__(self, config: PretrainedConfig, self_attn: nn.Module, mlp: nn.Module,
-                 dtype: torch.dtype):
+    def __init__(
+        self, config: PretrainedConfig, self_attn: nn.Module, mlp: nn.Module, dtype: torch.dtype
+    ):
         super().__init__()
         self.self_attn, self.mlp = self_attn, mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                residual: torch.Tensor | None, batch: ForwardBatch
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
@@ -130,14 +152,21 @@ class LlamaForCausalLM(nn.Module):
 
     def make_mlp(self, layer_id: int) -> nn.Module:
         c = self.config
-        return LlamaMLP(c.hidden_size, c.intermediate_size, c.hidden_act, self.dtype,
-                        getattr(c, "mlp_bias", False))
+        return LlamaMLP(
+            c.hidden_size,
+            c.intermediate_size,
+            c.hidden_act,
+            self.dtype,
+            getattr(c, "mlp_bias", False),
+        )
 
     # Checkpoint names -> ours: q/k/v and gate/up are loaded into merged parameters.
     stacked_params_mapping = [
-        (".qkv_proj", ".q_proj", "q"), (".qkv_proj", ".k_proj", "k"),
+        (".qkv_proj", ".q_proj", "q"),
+        (".qkv_proj", ".k_proj", "k"),
         (".qkv_proj", ".v_proj", "v"),
-        (".gate_up_proj", ".gate_proj", 0), (".gate_up_proj", ".up_proj", 1),
+        (".gate_up_proj", ".gate_proj", 0),
+        (".gate_up_proj", ".up_proj", 1),
     ]
 
     def checkpoint_name(self, name: str) -> str | None:
@@ -145,7 +174,7 @@ class LlamaForCausalLM(nn.Module):
         if "rotary_emb.inv_freq" in name:
             return None
         if name.startswith("model."):
-            name = name[len("model."):]
+            name = name[len("model.") :]
         if name == "lm_head.weight" and self.lm_head is self.embed_tokens:
             return None
         return name

@@ -13,8 +13,7 @@ from sglora.models.qwen3_moe import SparseMoeBlock
 class MixtralForCausalLM(LlamaForCausalLM):
     def make_mlp(self, layer_id: int) -> nn.Module:
         c = self.config
-        routing = RoutingConfig(c.num_experts_per_tok, renormalize=True,
-                                weights_in_act_dtype=False)
+        routing = RoutingConfig(c.num_experts_per_tok, renormalize=True, weights_in_act_dtype=False)
         return SparseMoeBlock(c, c.intermediate_size, routing, self.dtype)
 
     def checkpoint_name(self, name: str) -> str | None:

@@ -12,8 +12,9 @@ from sglora.models.qwen3_moe import Qwen3MoeForCausalLM, SparseMoeBlock
 class OlmoeForCausalLM(Qwen3MoeForCausalLM):
     def make_attention(self, layer_id: int) -> nn.Module:
         bias = getattr(self.config, "attention_bias", False)
-        return LlamaAttention(self.config, layer_id, self.rotary, self.dtype, bias, bias,
-                              qk_norm="full")
+        return LlamaAttention(
+            self.config, layer_id, self.rotary, self.dtype, bias, bias, qk_norm="full"
+        )
 
     def make_mlp(self, layer_id: int) -> nn.Module:
         c = self.config

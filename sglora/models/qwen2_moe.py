@@ -14,8 +14,13 @@ from sglora.models.qwen3_moe import Qwen3MoeForCausalLM, SparseMoeBlock
 class SharedExpertMoeBlock(SparseMoeBlock):
     def __init__(self, config, intermediate, routing, dtype: torch.dtype):
         super().__init__(config, intermediate, routing, dtype)
-        self.shared_expert = LlamaMLP(config.hidden_size, config.shared_expert_intermediate_size,
-                                      config.hidden_act, dtype, reduce_results=False)
+        self.shared_expert = LlamaMLP(
+            config.hidden_size,
+            config.shared_expert_intermediate_size,
+            config.hidden_act,
+            dtype,
+            reduce_results=False,
+        )
         self.shared_expert_gate = ReplicatedLinear(config.hidden_size, 1, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

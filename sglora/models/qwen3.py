@@ -10,5 +10,6 @@ from sglora.models.llama import LlamaAttention, LlamaForCausalLM
 class Qwen3ForCausalLM(LlamaForCausalLM):
     def make_attention(self, layer_id: int) -> nn.Module:
         bias = getattr(self.config, "attention_bias", False)
-        return LlamaAttention(self.config, layer_id, self.rotary, self.dtype, bias, bias,
-                              qk_norm="head")
+        return LlamaAttention(
+            self.config, layer_id, self.rotary, self.dtype, bias, bias, qk_norm="head"
+        )

@@ -21,8 +21,13 @@ def num_experts_of(config: PretrainedConfig) -> int:
 class SparseMoeBlock(nn.Module):
     """y = Σ_{e ∈ topk} w_e · expert_e(x): router (`gate`), routed `experts`, one all-reduce."""
 
-    def __init__(self, config: PretrainedConfig, intermediate: int, routing: RoutingConfig,
-                 dtype: torch.dtype):
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        intermediate: int,
+        routing: RoutingConfig,
+        dtype: torch.dtype,
+    ):
         super().__init__()
         e = num_experts_of(config)
         self.gate = ReplicatedLinear(config.hidden_size, e, bias=False, dtype=dtype)
@@ -42,12 +47,17 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     def is_moe_layer(self, layer_id: int) -> bool:
         c = self.config
         step = getattr(c, "decoder_sparse_step", 1) or 1
-        return (layer_id not in (getattr(c, "mlp_only_layers", None) or [])
-                and num_experts_of(c) > 0 and (layer_id + 1) % step == 0)
+        return (
+            layer_id not in (getattr(c, "mlp_only_layers", None) or [])
+            and num_experts_of(c) > 0
+            and (layer_id + 1) % step == 0
+        )
 
     def routing_config(self) -> RoutingConfig:
-        return RoutingConfig(self.config.num_experts_per_tok,
-                             renormalize=getattr(self.config, "norm_topk_prob", False))
+        return RoutingConfig(
+            self.config.num_experts_per_tok,
+            renormalize=getattr(self.config, "norm_topk_prob", False),
+        )
 
     def make_mlp(self, layer_id: int) -> nn.Module:
         c = self.config

@@ -25,6 +25,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 
 def get_model_class(architecture: str) -> type[nn.Module]:
     if architecture not in MODEL_REGISTRY:
-        raise ValueError(f"config field architectures={architecture!r} is not supported "
-                         f"(supported: {', '.join(MODEL_REGISTRY)})")
+        raise ValueError(
+            f"config field architectures={architecture!r} is not supported "
+            f"(supported: {', '.join(MODEL_REGISTRY)})"
+        )
     return MODEL_REGISTRY[architecture]

@@ -42,8 +42,15 @@ class ScheduleBatch:
             prefix_lens.append(start)
             extend_lens.append(end - start)
         return ForwardBatch.build(
-            self.mode, input_ids, [r.req_pool_idx for r in self.reqs], prefix_lens, extend_lens,
-            self.out_cache_loc, device, logprob_rows, logprob_targets,
+            self.mode,
+            input_ids,
+            [r.req_pool_idx for r in self.reqs],
+            prefix_lens,
+            extend_lens,
+            self.out_cache_loc,
+            device,
+            logprob_rows,
+            logprob_targets,
             top_k if logprob_rows else 0,
             [r.lora_name for r in self.reqs],
         )

@@ -15,8 +15,7 @@ from sglora.scheduler.request import Req
 
 
 class KVManager:
-    def __init__(self, req_pool: ReqToTokenPool, allocator: TokenToKVAllocator,
-                 tree: RadixCache):
+    def __init__(self, req_pool: ReqToTokenPool, allocator: TokenToKVAllocator, tree: RadixCache):
         self.req_pool, self.allocator, self.tree = req_pool, allocator, tree
 
     def key(self, req: Req, tokens: list[int]) -> RadixKey:
@@ -40,8 +39,11 @@ class KVManager:
         if idx is None:
             return False
         limit = req.max_cacheable_prefix()
-        indices, node = (self.tree.match_prefix(self.key(req, req.fill_ids[:limit])) if limit > 0
-                         else (torch.empty(0, dtype=torch.int64), self.tree.root_node()))
+        indices, node = (
+            self.tree.match_prefix(self.key(req, req.fill_ids[:limit]))
+            if limit > 0
+            else (torch.empty(0, dtype=torch.int64), self.tree.root_node())
+        )
         n = int(indices.shape[0])
         self.tree.inc_lock_ref(node)
         self.req_pool.req_to_token[idx, :n] = indices.to(self.req_pool.req_to_token)
@@ -59,20 +61,21 @@ class KVManager:
     def extend(self, req: Req, slots: torch.Tensor) -> None:
         """Record KV slots for fill_ids[kv_len : kv_len + len(slots)] (written by the forward)."""
         end = req.kv_len + int(slots.shape[0])
-        self.req_pool.req_to_token[req.req_pool_idx, req.kv_len:end] = slots.to(
-            self.req_pool.req_to_token)
+        self.req_pool.req_to_token[req.req_pool_idx, req.kv_len : end] = slots.to(
+            self.req_pool.req_to_token
+        )
 
     def cache_and_release(self, req: Req) -> None:
         """Request done: hand its KV to the radix tree (or free it) and release its slot."""
         row = self.req_pool.req_to_token[req.req_pool_idx]
         kv = row[: req.kv_len].to(torch.int64)
         if self.tree.disabled:
-            self.allocator.free(kv[req.prefix_len:])
+            self.allocator.free(kv[req.prefix_len :])
         else:
             already = self.tree.insert(self.key(req, req.fill_ids[: req.kv_len]), kv)
             # slots this request computed for tokens another request cached meanwhile
             if already > req.prefix_len:
-                self.allocator.free(kv[req.prefix_len:already])
+                self.allocator.free(kv[req.prefix_len : already])
         self._release_slot(req)
 
     def release(self, req: Req) -> None:
@@ -80,7 +83,7 @@ class KVManager:
         if req.req_pool_idx is None:
             return
         row = self.req_pool.req_to_token[req.req_pool_idx]
-        self.allocator.free(row[req.prefix_len: req.kv_len].to(torch.int64))
+        self.allocator.free(row[req.prefix_len : req.kv_len].to(torch.int64))
         self._release_slot(req)
 
     def _release_slot(self, req: Req) -> None:

@@ -54,11 +54,15 @@ class Req:
 
     @classmethod
     def from_message(cls, m: TokenizedGenerateReq) -> Req:
-        return cls(rid=m.rid, origin_input_ids=list(m.input_ids),
-                   sampling_params=m.sampling_params, return_logprob=m.return_logprob,
-                   logprob_start_len=m.logprob_start_len if m.return_logprob else -1,
-                   top_logprobs_num=m.top_logprobs_num if m.return_logprob else 0,
-                   lora_name=m.lora_name)
+        return cls(
+            rid=m.rid,
+            origin_input_ids=list(m.input_ids),
+            sampling_params=m.sampling_params,
+            return_logprob=m.return_logprob,
+            logprob_start_len=m.logprob_start_len if m.return_logprob else -1,
+            top_logprobs_num=m.top_logprobs_num if m.return_logprob else 0,
+            lora_name=m.lora_name,
+        )
 
     @property
     def fill_ids(self) -> list[int]:
@@ -84,8 +88,9 @@ class Req:
             return max(self.logprob_start_len - 1, 0)
         return len(self.fill_ids) - 1  # at least one token is computed to get logits
 
-    def check_finished(self, eos_ids: frozenset[int], stop_text_hit: str | None,
-                       context_len: int) -> None:
+    def check_finished(
+        self, eos_ids: frozenset[int], stop_text_hit: str | None, context_len: int
+    ) -> None:
         """After appending a token: set finish_reason if any stop condition holds."""
         p, tok = self.sampling_params, self.output_ids[-1]
         if stop_text_hit is not None:
@@ -114,8 +119,11 @@ class Req:
             completion_tokens=len(self.output_ids),
             cached_tokens=self.cached_tokens,
         )
-        if self.logprob_start_len >= 0 and not self.input_logprobs_sent and (
-                self.output_ids or self.finished):
+        if (
+            self.logprob_start_len >= 0
+            and not self.input_logprobs_sent
+            and (self.output_ids or self.finished)
+        ):
             out.input_token_logprobs = self.input_token_logprobs
             out.input_top_logprobs = self.input_top_logprobs if self.top_logprobs_num else None
             self.input_logprobs_sent = True

@@ -39,8 +39,10 @@ class Scheduler:
         self.kv = KVManager(runner.req_to_token_pool, runner.allocator, runner.radix_cache)
         self.context_len = runner.model_config.context_len
         self.eos_ids = frozenset(runner.model_config.eos_token_ids) | (
-            frozenset([tokenizer.eos_token_id]) if getattr(tokenizer, "eos_token_id", None)
-            is not None else frozenset())
+            frozenset([tokenizer.eos_token_id])
+            if getattr(tokenizer, "eos_token_id", None) is not None
+            else frozenset()
+        )
         self.waiting: list[Req] = []
         self.running: list[Req] = []  # decoding
         self.chunked: Req | None = None  # partly prefilled, owns KV, not yet decoding
@@ -66,7 +68,10 @@ class Scheduler:
         if req.lora_name is not None:
             if self.lora is None:
                 return "this server was started without --enable-lora"
-            if req.lora_name not in self.lora.registry.refs or req.lora_name in self.pending_unloads:
+            if (
+                req.lora_name not in self.lora.registry.refs
+                or req.lora_name in self.pending_unloads
+            ):
                 return f"the LoRA adapter {req.lora_name!r} is not loaded"
         if n == 0:
             return "the prompt is empty"
@@ -74,8 +79,10 @@ class Scheduler:
             return f"the prompt has {n} tokens; the context length is {self.context_len}"
         capacity = self.kv.allocator.size
         if n + max_new > capacity:
-            return (f"the prompt ({n} tokens) plus max_new_tokens ({max_new}) exceeds the KV "
-                    f"cache capacity ({capacity} tokens)")
+            return (
+                f"the prompt ({n} tokens) plus max_new_tokens ({max_new}) exceeds the KV "
+                f"cache capacity ({capacity} tokens)"
+            )
         return None
 
     def abort_request(self, rid: str) -> bool:
@@ -97,8 +104,9 @@ class Scheduler:
         self._outputs.append(req.take_output())
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked or self._outputs
-                    or self.pending_unloads)
+        return bool(
+            self.waiting or self.running or self.chunked or self._outputs or self.pending_unloads
+        )
 
     # ---- adapters ----------------------------------------------------------------------------
 
@@ -117,8 +125,10 @@ class Scheduler:
         self._finish_unloads()
 
     def _finish_unloads(self) -> list[str]:
-        busy = {r.lora_name for r in [*self.waiting, *self.running,
-                                      *([self.chunked] if self.chunked else [])]}
+        busy = {
+            r.lora_name
+            for r in [*self.waiting, *self.running, *([self.chunked] if self.chunked else [])]
+        }
         done = [n for n in self.pending_unloads if n not in busy]
         for name in done:
             self.pending_unloads.remove(name)
@@ -143,8 +153,10 @@ class Scheduler:
         return outputs
 
     def _decode_reserve(self, extra: list[Req]) -> int:
-        remaining = sum(max(r.sampling_params.max_new_tokens - len(r.output_ids), 0)
-                        for r in [*self.running, *extra])
+        remaining = sum(
+            max(r.sampling_params.max_new_tokens - len(r.output_ids), 0)
+            for r in [*self.running, *extra]
+        )
         return int(remaining * self.new_token_ratio)
 
     def _prefill_batch(self) -> ScheduleBatch | None:
@@ -213,8 +225,9 @@ class Scheduler:
         for req, slot in zip(self.running, slots.view(-1, 1)):
             self.kv.extend(req, slot)
             req.chunk_end = req.kv_len + 1
-        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO,
-                                   self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        self.new_token_ratio = max(
+            MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY
+        )
         return ScheduleBatch(ForwardMode.DECODE, list(self.running), slots)
 
     def _retract_one(self) -> None:
@@ -240,9 +253,12 @@ class Scheduler:
         logits = self.runner.forward(fb)
         reqs = batch.reqs
         info = SamplingBatchInfo.from_requests(
-            [r.sampling_params for r in reqs], [r.origin_input_ids for r in reqs],
-            [r.output_ids for r in reqs], self.runner.model_config.vocab_size,
-            self.runner.device)
+            [r.sampling_params for r in reqs],
+            [r.origin_input_ids for r in reqs],
+            [r.output_ids for r in reqs],
+            self.runner.model_config.vocab_size,
+            self.runner.device,
+        )
         top_n = max((r.top_logprobs_num for r in reqs), default=0)
         sampled = self.runner.sampler(logits.next_token_logits, info, top_n)
         next_ids = sampled.next_token_ids.tolist()
@@ -266,13 +282,19 @@ class Scheduler:
                     self._outputs.append(req.take_output())
                     continue
                 self.running.append(req)
-            self._append_token(req, next_ids[i], next_lp[i],
-                               list(zip(top_ids[i][:req.top_logprobs_num],
-                                        top_vals[i][:req.top_logprobs_num])) if top_n else None)
+            self._append_token(
+                req,
+                next_ids[i],
+                next_lp[i],
+                list(zip(top_ids[i][: req.top_logprobs_num], top_vals[i][: req.top_logprobs_num]))
+                if top_n
+                else None,
+            )
         self.running = [r for r in self.running if not r.finished]
 
-    def _append_token(self, req: Req, tok: int, logprob: float,
-                      top: list[tuple[int, float]] | None) -> None:
+    def _append_token(
+        self, req: Req, tok: int, logprob: float, top: list[tuple[int, float]] | None
+    ) -> None:
         req.output_ids.append(tok)
         req.pending_token_ids.append(tok)
         req.pending_logprobs.append(logprob)

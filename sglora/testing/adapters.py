@@ -26,19 +26,29 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 
 # kind -> LoraConfig kwargs; `experts` is replaced by dense MLP targets on dense models
 ADAPTER_KINDS: dict[str, dict] = {
-    "attn": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj",
-                                                          "o_proj"]},
+    "attn": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "experts": {"r": 8, "lora_alpha": 16, "target_modules": [], "target_parameters": EXPERTS},
-    "attn_experts_rslora": {"r": 8, "lora_alpha": 24, "use_rslora": True,
-                            "target_modules": ["q_proj", "v_proj"],
-                            "target_parameters": EXPERTS},
+    "attn_experts_rslora": {
+        "r": 8,
+        "lora_alpha": 24,
+        "use_rslora": True,
+        "target_modules": ["q_proj", "v_proj"],
+        "target_parameters": EXPERTS,
+    },
     # expert names in target_modules: PEFT converts them to target_parameters with gate_up at
     # rank 2r; plus explicit per-module ranks and alphas
-    "mixed_ranks": {"r": 4, "lora_alpha": 8,
-                    "target_modules": ["q_proj", "k_proj", "o_proj", *MLP],
-                    "rank_pattern": {"q_proj": 12, "o_proj": 2}, "alpha_pattern": {"k_proj": 3}},
-    "embed_head": {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "lm_head",
-                                                               "v_proj"]},
+    "mixed_ranks": {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "k_proj", "o_proj", *MLP],
+        "rank_pattern": {"q_proj": 12, "o_proj": 2},
+        "alpha_pattern": {"k_proj": 3},
+    },
+    "embed_head": {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["embed_tokens", "lm_head", "v_proj"],
+    },
     # derived formats (built from "experts"-like random factors, see _derive)
     "per_expert": {},
     "shared_outer": {},
@@ -70,8 +80,9 @@ def _randomize(model, seed: int, std: float = 0.15) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def tiny_adapter_paths(family: str, kind: str, seed: int = 0,
-                       cache_dir: str | Path | None = None) -> tuple[Path, Path]:
+def tiny_adapter_paths(
+    family: str, kind: str, seed: int = 0, cache_dir: str | Path | None = None
+) -> tuple[Path, Path]:
     """(adapter sglora serves, adapter peft loads as the reference) for the tiny model."""
     base = tiny_model_path(family, cache_dir=cache_dir)
     key = hashlib.sha256(f"{_VERSION}|{family}|{kind}|{seed}|{base.name}".encode()).hexdigest()
@@ -151,16 +162,32 @@ def _derive(family: str, kind: str, seed: int, base: Path, served: Path, ref: Pa
         ref_t[f"{k}.lora_A.weight"] = ad.reshape(-1, i).contiguous()
         ref_t[f"{k}.lora_B.weight"] = _expert_minor(bd)
     gu_rank = a_gu.shape[1]
-    common = {"peft_type": "LORA", "base_model_name_or_path": str(base), "task_type": "CAUSAL_LM",
-              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False}
-    served_cfg = {**common, "r": r, "lora_alpha": alpha, "target_modules": [],
-                  "target_parameters": EXPERTS}
+    common = {
+        "peft_type": "LORA",
+        "base_model_name_or_path": str(base),
+        "task_type": "CAUSAL_LM",
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+    }
+    served_cfg = {
+        **common,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": [],
+        "target_parameters": EXPERTS,
+    }
     if kind == "per_expert":
         served_cfg.update(target_modules=list(names), target_parameters=None)
-    ref_cfg = {**common, "r": r, "lora_alpha": alpha, "target_modules": [],
-               "target_parameters": EXPERTS,
-               "rank_pattern": {r"layers\.\d+\.mlp\.experts\.gate_up_proj": gu_rank},
-               "alpha_pattern": {r"layers\.\d+\.mlp\.experts\.gate_up_proj": alpha * gu_rank // r}}
+    ref_cfg = {
+        **common,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": [],
+        "target_parameters": EXPERTS,
+        "rank_pattern": {r"layers\.\d+\.mlp\.experts\.gate_up_proj": gu_rank},
+        "alpha_pattern": {r"layers\.\d+\.mlp\.experts\.gate_up_proj": alpha * gu_rank // r},
+    }
     for d, t, c in ((served, served_t, served_cfg), (ref, ref_t, ref_cfg)):
         save_file({k: v.contiguous() for k, v in t.items()}, str(d / "adapter_model.safetensors"))
         (d / "adapter_config.json").write_text(json.dumps(c, indent=1))
@@ -180,4 +207,3 @@ def load_reference(family: str, adapter: Path | None):
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
     return model.eval()
-

@@ -29,7 +29,7 @@ def test_max_new_tokens_finishes_with_length(engine):
 
 def test_stop_string_cuts_text_before_it(engine):
     full = engine.generate(PROMPT, greedy(40))["text"]
-    stop = full[len(full) // 2: len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert stop.strip(), "pick a visible stop string"
     res = engine.generate(PROMPT, greedy(40, stop=[stop]))
     assert res["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
@@ -64,8 +64,9 @@ def test_seeded_sampling_is_independent_of_batch(engine):
     sp = {"max_new_tokens": 16, "temperature": 1.0, "seed": 1234, "ignore_eos": True}
     alone = engine.generate(PROMPT, sp)["output_ids"]
     others = ["Once upon a time", "def main():", PROMPT]
-    batch = engine.generate(others + [PROMPT], [{"max_new_tokens": 9, "temperature": 0.8}] * 3
-                            + [sp])
+    batch = engine.generate(
+        others + [PROMPT], [{"max_new_tokens": 9, "temperature": 0.8}] * 3 + [sp]
+    )
     assert batch[3]["output_ids"] == alone
     other_seed = engine.generate(PROMPT, {**sp, "seed": 99})["output_ids"]
     assert other_seed != alone
@@ -74,8 +75,13 @@ def test_seeded_sampling_is_independent_of_batch(engine):
 def test_abort_frees_kv_immediately(engine):
     s = engine.scheduler
     before = s.kv.allocator.available_size() + s.kv.tree.evictable_size()
-    s.add_request(TokenizedGenerateReq("r-abort", engine.tokenizer.encode(PROMPT * 4),
-                                       SamplingParams(max_new_tokens=50, ignore_eos=True)))
+    s.add_request(
+        TokenizedGenerateReq(
+            "r-abort",
+            engine.tokenizer.encode(PROMPT * 4),
+            SamplingParams(max_new_tokens=50, ignore_eos=True),
+        )
+    )
     for _ in range(3):
         s.step()
     assert s.running

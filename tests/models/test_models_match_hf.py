@@ -38,32 +38,49 @@ def test_engine_logprobs_match_hf(family, tiny_path):
     path = tiny_path(family)
     engine = Engine(model_path=str(path), device="cpu", chunked_prefill_size=512)
     prompts = random_prompts(engine.model_config.vocab_size, LENGTHS, seed=1)
-    results = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 8,
-                                                                  "temperature": 0.0,
-                                                                  "ignore_eos": True},
-                              return_logprob=True, logprob_start_len=0)
+    results = engine.generate(
+        input_ids=prompts,
+        sampling_params={"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True},
+        return_logprob=True,
+        logprob_start_len=0,
+    )
     check_against_hf(path, prompts, results)
     engine.scheduler.check_integrity()
 
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 512}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 512,
+}
 
 
-@pytest.mark.parametrize("family,kwargs", [
-    ("qwen3_moe", {"variant": "fused_experts"}),
-    ("mixtral", {"variant": "fused_experts"}),
-    ("qwen2_moe", {"sharded": True}),
-    ("llama", {"variant": "llama3_tied", "overrides": {"rope_parameters": LLAMA3_ROPE,
-                                                       "tie_word_embeddings": True}}),
-])
+@pytest.mark.parametrize(
+    "family,kwargs",
+    [
+        ("qwen3_moe", {"variant": "fused_experts"}),
+        ("mixtral", {"variant": "fused_experts"}),
+        ("qwen2_moe", {"sharded": True}),
+        (
+            "llama",
+            {
+                "variant": "llama3_tied",
+                "overrides": {"rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True},
+            },
+        ),
+    ],
+)
 def test_checkpoint_variants_match_hf(family, kwargs, tiny_path):
     path = tiny_path(family, **kwargs)
     engine = Engine(model_path=str(path), device="cpu")
     prompts = random_prompts(engine.model_config.vocab_size, [12, 30, 150], seed=2)
-    results = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 4,
-                                                                  "temperature": 0.0,
-                                                                  "ignore_eos": True},
-                              return_logprob=True, logprob_start_len=0)
+    results = engine.generate(
+        input_ids=prompts,
+        sampling_params={"max_new_tokens": 4, "temperature": 0.0, "ignore_eos": True},
+        return_logprob=True,
+        logprob_start_len=0,
+    )
     check_against_hf(path, prompts, results)

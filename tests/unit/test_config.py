@@ -14,20 +14,39 @@ from sglora.model_executor.model_config import ModelConfig
 
 
 def test_cli_is_generated_from_the_dataclass():
-    args = ServerArgs.from_cli(["--model-path", "m", "--tp-size", "2", "--disable-radix-cache",
-                                "--dtype", "float16", "--max-total-tokens", "1000"])
-    assert (args.model_path, args.tp_size, args.disable_radix_cache, args.dtype,
-            args.max_total_tokens) == ("m", 2, True, "float16", 1000)
+    args = ServerArgs.from_cli(
+        [
+            "--model-path",
+            "m",
+            "--tp-size",
+            "2",
+            "--disable-radix-cache",
+            "--dtype",
+            "float16",
+            "--max-total-tokens",
+            "1000",
+        ]
+    )
+    assert (
+        args.model_path,
+        args.tp_size,
+        args.disable_radix_cache,
+        args.dtype,
+        args.max_total_tokens,
+    ) == ("m", 2, True, "float16", 1000)
 
 
-@pytest.mark.parametrize("kwargs,flag", [
-    ({"port": 0}, "--port"),
-    ({"mem_fraction_static": 1.5}, "--mem-fraction-static"),
-    ({"tp_size": 0}, "--tp-size"),
-    ({"dtype": "int3"}, "--dtype"),
-    ({"max_total_tokens": 3}, "--max-total-tokens"),
-    ({"chunked_prefill_size": 0}, "--chunked-prefill-size"),
-])
+@pytest.mark.parametrize(
+    "kwargs,flag",
+    [
+        ({"port": 0}, "--port"),
+        ({"mem_fraction_static": 1.5}, "--mem-fraction-static"),
+        ({"tp_size": 0}, "--tp-size"),
+        ({"dtype": "int3"}, "--dtype"),
+        ({"max_total_tokens": 3}, "--max-total-tokens"),
+        ({"chunked_prefill_size": 0}, "--chunked-prefill-size"),
+    ],
+)
 def test_bad_values_name_the_flag(kwargs, flag):
     with pytest.raises(ConfigError, match=flag):
         ServerArgs(model_path="m", **kwargs)
@@ -65,9 +84,16 @@ def test_unsupported_architecture_names_the_field(tiny_path, tmp_path):
 
 
 def test_unsupported_rope_type_names_the_field(tiny_path, tmp_path):
-    dst = _patched_copy(tiny_path, tmp_path,
-                        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
-                                         "short_factor": [1.0] * 8, "long_factor": [1.0] * 8})
+    dst = _patched_copy(
+        tiny_path,
+        tmp_path,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0] * 8,
+            "long_factor": [1.0] * 8,
+        },
+    )
     with pytest.raises(ValueError, match="rope_type"):
         Engine(model_path=str(dst), device="cpu")
 

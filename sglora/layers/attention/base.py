@@ -14,12 +14,18 @@ if TYPE_CHECKING:
 
 
 class AttentionBackend(ABC):
-    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:  # noqa: B027 - optional hook
         """Precompute per-batch indices once, before the layers run."""
 
     @abstractmethod
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
-                batch: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: Attention,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
         """Write k/v of the new tokens into the KV pool, then attend.
 
         q [T, Hq*D], k/v [T, Hk*D] -> [T, Hq*D]."""

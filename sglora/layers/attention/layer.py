@@ -12,13 +12,20 @@ if TYPE_CHECKING:
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, layer_id: int,
-                 scaling: float | None = None):
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int,
+        layer_id: int,
+        scaling: float | None = None,
+    ):
         super().__init__()
         self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
         self.layer_id = layer_id
         self.scaling = head_dim**-0.5 if scaling is None else scaling
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                batch: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
         return batch.attn_backend.forward(q, k, v, self, batch)

@@ -24,8 +24,9 @@ class TorchNativeAttnBackend(AttentionBackend):
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         table = batch.req_to_token_pool.req_to_token
         slots, masks = [], []
-        for i, (prefix, new) in enumerate(zip(batch.extend_prefix_lens_cpu,
-                                              batch.extend_seq_lens_cpu)):
+        for i, (prefix, new) in enumerate(
+            zip(batch.extend_prefix_lens_cpu, batch.extend_seq_lens_cpu)
+        ):
             total = prefix + new
             slots.append(table[batch.req_pool_indices[i], :total].long())
             q_pos = torch.arange(prefix, total, device=table.device)
@@ -33,8 +34,14 @@ class TorchNativeAttnBackend(AttentionBackend):
             masks.append(k_pos[None, :] <= q_pos[:, None])  # [new, total] causal from prefix
         batch.attn_metadata = (slots, masks)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention,
-                batch: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: Attention,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
         pool = batch.kv_pool
         d, hk = layer.head_dim, layer.num_kv_heads
         pool.set_kv(layer.layer_id, batch.out_cache_loc, k.view(-1, hk, d), v.view(-1, hk, d))
@@ -43,11 +50,12 @@ class TorchNativeAttnBackend(AttentionBackend):
         out = torch.empty_like(q)
         start = 0
         for i, n in enumerate(batch.extend_seq_lens_cpu):
-            qi = q[start:start + n].view(n, layer.num_heads, d).transpose(0, 1)  # [Hq, n, D]
+            qi = q[start : start + n].view(n, layer.num_heads, d).transpose(0, 1)  # [Hq, n, D]
             ki = k_buf[slots[i]].transpose(0, 1).to(q.dtype)  # [Hk, L, D]
             vi = v_buf[slots[i]].transpose(0, 1).to(q.dtype)
-            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=masks[i],
-                                                scale=layer.scaling, enable_gqa=True)
-            out[start:start + n] = oi.transpose(0, 1).reshape(n, -1)
+            oi = F.scaled_dot_product_attention(
+                qi, ki, vi, attn_mask=masks[i], scale=layer.scaling, enable_gqa=True
+            )
+            out[start : start + n] = oi.transpose(0, 1).reshape(n, -1)
             start += n
         return out

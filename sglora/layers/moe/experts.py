@@ -20,25 +20,34 @@ from sglora.layers.linear import copy_checked, narrow
 
 
 class FusedMoE(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 activation: str = "silu", dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str = "silu",
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.num_experts, self.hidden_size = num_experts, hidden_size
         self.intermediate = divide(intermediate_size, self.tp_size, "moe intermediate size")
         self.activation = activation
         i, h = self.intermediate, hidden_size
-        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * i, h, dtype=dtype),
-                                       requires_grad=False)
-        self.w2_weight = nn.Parameter(torch.empty(num_experts, h, i, dtype=dtype),
-                                      requires_grad=False)
+        self.w13_weight = nn.Parameter(
+            torch.empty(num_experts, 2 * i, h, dtype=dtype), requires_grad=False
+        )
+        self.w2_weight = nn.Parameter(
+            torch.empty(num_experts, h, i, dtype=dtype), requires_grad=False
+        )
         for p in (self.w13_weight, self.w2_weight):
             p.weight_loader = self.weight_loader
         # set by lora/moe.py: computes the layer with expert LoRA when the batch has adapters
         self.lora: Callable[..., torch.Tensor | None] | None = None
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: str,
-                      expert_id: int | None = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: Any, shard_id: str, expert_id: int | None = None
+    ) -> None:
         """shard_id: 'w1' (gate), 'w3' (up), 'w2' (down) for one expert's [out, in] matrix; or,
         with expert_id None, 'w13' / 'w2' for a fused [E, ...] tensor of all experts."""
         i, r = self.intermediate, self.tp_rank
@@ -58,23 +67,34 @@ class FusedMoE(nn.Module):
             dst = param.data[expert_id].narrow(0, 0 if shard_id == "w1" else i, i)
             copy_checked(dst, narrow(loaded, 0, r * i, i), f"expert {shard_id}")
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
-                topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
         """x [T, H], topk [T, k] -> [T, H] (this rank's partial sum over its I slice)."""
-        if self.lora is not None and (out := self.lora(self, x, topk_weights, topk_ids)) is not None:
+        if (
+            self.lora is not None
+            and (out := self.lora(self, x, topk_weights, topk_ids)) is not None
+        ):
             return out
-        return moe_forward_reference(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
-                                     self.activation)
+        return moe_forward_reference(
+            x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation
+        )
 
 
 # (expert id, token rows [n], their inputs [n, in]) -> additive delta [n, out]
 ExpertDelta = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def moe_forward_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                          topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                          activation: str = "silu", delta13: ExpertDelta | None = None,
-                          delta2: ExpertDelta | None = None) -> torch.Tensor:
+def moe_forward_reference(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+    delta13: ExpertDelta | None = None,
+    delta2: ExpertDelta | None = None,
+) -> torch.Tensor:
     """Σ_k w_k · down_e(act(gate_e x) · up_e x), experts visited in id order (HF's order, so
     float sums round the same way). `delta13`/`delta2` add per-token terms (expert LoRA) to the
     gate_up and down outputs. Syncs the host: reference/CPU path only."""
@@ -87,7 +107,7 @@ def moe_forward_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        rows = order[start:start + n]  # positions in the flattened [T*k] routing table
+        rows = order[start : start + n]  # positions in the flattened [T*k] routing table
         start += n
         tok = rows // k
         xe = x[tok]

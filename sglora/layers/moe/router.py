@@ -18,8 +18,9 @@ class RoutingConfig:
     weights_in_act_dtype: bool = True
 
 
-def select_experts(router_logits: torch.Tensor, cfg: RoutingConfig
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def select_experts(
+    router_logits: torch.Tensor, cfg: RoutingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, E] logits -> (weights [T, k], expert ids [T, k] int64), softmax in float32."""
     probs = torch.softmax(router_logits.float(), dim=-1)
     weights, ids = torch.topk(probs, cfg.top_k, dim=-1)

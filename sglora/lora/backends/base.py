@@ -25,17 +25,29 @@ class LoRABatchInfo:
 
 class LoRABackend(ABC):
     @abstractmethod
-    def linear_delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                     out_sizes: tuple[int, ...], slots: torch.Tensor,
-                     active: list[int]) -> torch.Tensor:
+    def linear_delta(
+        self,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        out_sizes: tuple[int, ...],
+        slots: torch.Tensor,
+        active: list[int],
+    ) -> torch.Tensor:
         """Σ over sub-projections i: (x A_i[slot]ᵀ) B_i[slot]ᵀ into its output slice.
 
         x [T, in]; A [S, c·R, in]; B [S, Σout, R]; slots [T] -> [T, Σout] (zeros where -1)."""
 
     @abstractmethod
-    def embedding_delta(self, ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                        vocab_start: int, slots: torch.Tensor,
-                        active: list[int]) -> torch.Tensor:
+    def embedding_delta(
+        self,
+        ids: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        vocab_start: int,
+        slots: torch.Tensor,
+        active: list[int],
+    ) -> torch.Tensor:
         """B[slot] · A[slot][:, id - vocab_start] per token (0 outside this rank's vocab).
 
         ids [T]; A [S, R, V_local]; B [S, H, R] -> [T, H]."""

@@ -21,8 +21,8 @@ class TorchNativeLoRABackend(LoRABackend):
             shrink = x[rows] @ A[s].t()  # [n, c·R]
             off = 0
             for i, size in enumerate(out_sizes):
-                delta = shrink[:, i * r:(i + 1) * r] @ B[s, off:off + size].t()
-                out[rows, off:off + size] += delta
+                delta = shrink[:, i * r : (i + 1) * r] @ B[s, off : off + size].t()
+                out[rows, off : off + size] += delta
                 off += size
         return out
 
