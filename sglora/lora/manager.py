@@ -181,6 +181,7 @@ class LoRAManager:
             seq_lens_cpu=list(seq_lens),
             active_slots=sorted({s for s in seq_slots if s >= 0}),
         )
+        self.backend.prepare(self.batch_info)
         return self.batch_info
 
     def check_integrity(self) -> None:

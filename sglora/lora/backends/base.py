@@ -24,6 +24,9 @@ class LoRABatchInfo:
 
 
 class LoRABackend(ABC):
+    def prepare(self, info: LoRABatchInfo) -> None:  # noqa: B027 - optional hook
+        """Add backend-specific batch tensors (e.g. segments) to `info`, once per batch."""
+
     @abstractmethod
     def linear_delta(
         self,
