@@ -18,6 +18,7 @@ from sglora.messages import ReqOutput, SamplingParams, TokenizedGenerateReq
 from sglora.model_executor.model_config import ModelConfig, resolve_model_dir
 from sglora.model_executor.model_runner import ModelRunner, resolve_device
 from sglora.scheduler.scheduler import Scheduler
+from sglora.testing.demo import apply_demo
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +29,7 @@ def load_tokenizer(path: str) -> Any:
 
 class Engine:
     def __init__(self, args: ServerArgs | None = None, **kwargs: Any):
-        self.args = args or ServerArgs(**kwargs)
-        if self.args.model_path is None:  # --demo
-            from sglora.testing.tiny import demo_model_path
-
-            self.args = self.args.replace(model_path=str(demo_model_path()))
+        self.args = apply_demo(args or ServerArgs(**kwargs))
         self.device = resolve_device(self.args.device)
         self.model_config = ModelConfig.load(
             self.args.model_path, self.args.dtype, self.device.type, self.args.context_length

@@ -51,10 +51,12 @@ ADAPTER_KINDS: dict[str, dict] = {
     },
     # derived formats (built from "experts"-like random factors, see _derive)
     "per_expert": {},
+    "compact_experts": {},
     "shared_outer": {},
+    "fused_dense": {},
 }
-DERIVED = ("per_expert", "shared_outer")
-_VERSION = "1"
+DERIVED = ("per_expert", "compact_experts", "shared_outer", "fused_dense")
+_VERSION = "2"
 
 
 def is_moe(family: str) -> bool:
@@ -104,64 +106,50 @@ def _build(family: str, kind: str, seed: int, base: Path, served: Path, ref: Pat
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if kind in DERIVED:
-        if not is_moe(family):
-            raise ValueError(f"{kind} adapters need an MoE family, not {family}")
+        if is_moe(family) == (kind == "fused_dense"):
+            raise ValueError(f"{kind} adapters do not fit the {family} family")
         _derive(family, kind, seed, base, served, ref)
         return
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     peft_model = get_peft_model(model, _lora_config(family, kind))
     _randomize(peft_model, seed)
     peft_model.save_pretrained(served)
 
 
 def _derive(family: str, kind: str, seed: int, base: Path, served: Path, ref: Path) -> None:
-    """Write an expert adapter in a format PEFT does not produce, and its PEFT equivalent."""
+    """Write an adapter in a format PEFT does not produce, and its PEFT equivalent."""
     cfg = make_config(family)
-    e = getattr(cfg, "num_experts", None) or cfg.num_local_experts
-    h = cfg.hidden_size
-    i = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
-    r, alpha = 4, 8
     g = torch.Generator().manual_seed(seed + 1000)
 
     def rnd(*shape):
         return torch.randn(shape, generator=g) * 0.15
 
-    served.mkdir(parents=True)
-    ref.mkdir(parents=True)
-    served_t, ref_t = {}, {}
-    block = "block_sparse_moe" if family == "mixtral" else "mlp"
-    names = ("w1", "w3", "w2") if family == "mixtral" else MLP
-    pre = "base_model.model.model.layers"
-    for layer in range(cfg.num_hidden_layers):
-        if kind == "per_expert":
-            ag, au, ad = rnd(e, r, h), rnd(e, r, h), rnd(e, r, i)
-            bg, bu, bd = rnd(e, i, r), rnd(e, i, r), rnd(e, h, r)
-            for x in range(e):
-                for name, a, b in zip(names, (ag, au, ad), (bg, bu, bd)):
-                    k = f"{pre}.{layer}.{block}.experts.{x}.{name}"
-                    served_t[f"{k}.lora_A.weight"], served_t[f"{k}.lora_B.weight"] = a[x], b[x]
-            # fused gate_up at rank 2r: A = [A_gate; A_up], B = blockdiag(B_gate, B_up)
-            a_gu = torch.cat([ag, au], dim=1)  # [E, 2r, H]
-            b_gu = torch.zeros(e, 2 * i, 2 * r)
-            b_gu[:, :i, :r], b_gu[:, i:, r:] = bg, bu
-            ref_layer = (a_gu, b_gu, ad, bd)
-        else:  # shared outer: one gate_up A and one down B for all experts
-            a_gu, b_gu = rnd(1, r, h), rnd(e, 2 * i, r)
-            ad, bd = rnd(e, r, i), rnd(1, h, r)
-            k = f"{pre}.{layer}.mlp.experts"
-            served_t[f"{k}.base_layer.lora_A.weight"] = a_gu[0]
-            served_t[f"{k}.base_layer.lora_B.weight"] = _expert_minor(b_gu)
-            served_t[f"{k}.lora_A.weight"] = ad.reshape(e * r, i)
-            served_t[f"{k}.lora_B.weight"] = bd[0]
-            ref_layer = (a_gu.expand(e, r, h), b_gu, ad, bd.expand(e, h, r))
-        a_gu, b_gu, ad, bd = ref_layer
-        k = f"{pre}.{layer}.mlp.experts"
-        ref_t[f"{k}.base_layer.lora_A.weight"] = a_gu.reshape(-1, h).contiguous()
-        ref_t[f"{k}.base_layer.lora_B.weight"] = _expert_minor(b_gu)
-        ref_t[f"{k}.lora_A.weight"] = ad.reshape(-1, i).contiguous()
-        ref_t[f"{k}.lora_B.weight"] = _expert_minor(bd)
-    gu_rank = a_gu.shape[1]
+    r, alpha = 4, 8
+    layers = range(cfg.num_hidden_layers)
+    if kind == "fused_dense":
+        served_t, ref_t, ref_cfg = _fused_dense(cfg, layers, r, rnd)
+        served_cfg = {"r": r, "lora_alpha": alpha, "target_modules": ["qkv_proj", "gate_up_proj"]}
+        ref_cfg.update(r=r, lora_alpha=alpha)
+    else:
+        served_t, ref_t, gu_rank = _experts(family, kind, cfg, layers, r, rnd)
+        served_cfg = {
+            "r": r,
+            "lora_alpha": alpha,
+            "target_modules": [],
+            "target_parameters": EXPERTS,
+        }
+        if kind in ("per_expert", "compact_experts"):
+            served_cfg.update(target_modules=MLP, target_parameters=None)
+        pat = r"layers\.\d+\.mlp\.experts\.gate_up_proj"
+        ref_cfg = {
+            "r": r,
+            "lora_alpha": alpha,
+            "target_modules": [],
+            "target_parameters": EXPERTS,
+            "rank_pattern": {pat: gu_rank},
+            "alpha_pattern": {pat: alpha * gu_rank // r},
+        }
     common = {
         "peft_type": "LORA",
         "base_model_name_or_path": str(base),
@@ -170,27 +158,79 @@ def _derive(family: str, kind: str, seed: int, base: Path, served: Path, ref: Pa
         "bias": "none",
         "fan_in_fan_out": False,
     }
-    served_cfg = {
-        **common,
-        "r": r,
-        "lora_alpha": alpha,
-        "target_modules": [],
-        "target_parameters": EXPERTS,
-    }
-    if kind == "per_expert":
-        served_cfg.update(target_modules=list(names), target_parameters=None)
-    ref_cfg = {
-        **common,
-        "r": r,
-        "lora_alpha": alpha,
-        "target_modules": [],
-        "target_parameters": EXPERTS,
-        "rank_pattern": {r"layers\.\d+\.mlp\.experts\.gate_up_proj": gu_rank},
-        "alpha_pattern": {r"layers\.\d+\.mlp\.experts\.gate_up_proj": alpha * gu_rank // r},
-    }
     for d, t, c in ((served, served_t, served_cfg), (ref, ref_t, ref_cfg)):
+        d.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in t.items()}, str(d / "adapter_model.safetensors"))
-        (d / "adapter_config.json").write_text(json.dumps(c, indent=1))
+        (d / "adapter_config.json").write_text(json.dumps({**common, **c}, indent=1))
+
+
+_PRE = "base_model.model.model.layers"
+
+
+def _fused_dense(cfg, layers, r, rnd):
+    """qkv_proj / gate_up_proj modules with one A each; reference: per-module, A repeated."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    sizes = {
+        "q_proj": cfg.num_attention_heads * d,
+        "k_proj": cfg.num_key_value_heads * d,
+        "v_proj": cfg.num_key_value_heads * d,
+        "gate_proj": cfg.intermediate_size,
+        "up_proj": cfg.intermediate_size,
+    }
+    served_t, ref_t = {}, {}
+    for layer in layers:
+        for fused, parts, block in (
+            ("qkv_proj", ("q_proj", "k_proj", "v_proj"), "self_attn"),
+            ("gate_up_proj", ("gate_proj", "up_proj"), "mlp"),
+        ):
+            a, b = rnd(r, h), rnd(sum(sizes[p] for p in parts), r)
+            k = f"{_PRE}.{layer}.{block}"
+            served_t[f"{k}.{fused}.lora_A.weight"], served_t[f"{k}.{fused}.lora_B.weight"] = a, b
+            for part, bb in zip(parts, b.split([sizes[p] for p in parts])):
+                ref_t[f"{k}.{part}.lora_A.weight"], ref_t[f"{k}.{part}.lora_B.weight"] = a, bb
+    return served_t, ref_t, {"target_modules": list(sizes)}
+
+
+def _experts(family, kind, cfg, layers, r, rnd):
+    """Expert LoRA in per-module, compact 3D or shared-outer layout, and PEFT's fused form."""
+    e = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+    h = cfg.hidden_size
+    i = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    block = "block_sparse_moe" if family == "mixtral" else "mlp"
+    names = ("w1", "w3", "w2") if family == "mixtral" else MLP
+    served_t, ref_t = {}, {}
+    for layer in layers:
+        k = f"{_PRE}.{layer}.{block}.experts"
+        if kind == "shared_outer":  # one gate_up A and one down B for all experts
+            a_gu, b_gu = rnd(1, r, h), rnd(e, 2 * i, r)
+            ad, bd = rnd(e, r, i), rnd(1, h, r)
+            k = f"{_PRE}.{layer}.mlp.experts"
+            served_t[f"{k}.base_layer.lora_A.weight"] = a_gu[0]
+            served_t[f"{k}.base_layer.lora_B.weight"] = _expert_minor(b_gu)
+            served_t[f"{k}.lora_A.weight"] = ad.reshape(e * r, i)
+            served_t[f"{k}.lora_B.weight"] = bd[0]
+            a_gu, bd = a_gu.expand(e, r, h), bd.expand(e, h, r)
+        else:  # gate and up with their own A
+            ag, au, ad = rnd(e, r, h), rnd(e, r, h), rnd(e, r, i)
+            bg, bu, bd = rnd(e, i, r), rnd(e, i, r), rnd(e, h, r)
+            for name, a, b in zip(names, (ag, au, ad), (bg, bu, bd)):
+                if kind == "compact_experts":
+                    served_t[f"{k}.{name}.lora_A.weight"] = a
+                    served_t[f"{k}.{name}.lora_B.weight"] = b
+                else:
+                    for x in range(e):
+                        served_t[f"{k}.{x}.{name}.lora_A.weight"] = a[x]
+                        served_t[f"{k}.{x}.{name}.lora_B.weight"] = b[x]
+            # PEFT's fused gate_up at rank 2r: A = [A_gate; A_up], B = blockdiag(B_gate, B_up)
+            a_gu = torch.cat([ag, au], dim=1)
+            b_gu = torch.zeros(e, 2 * i, 2 * r)
+            b_gu[:, :i, :r], b_gu[:, i:, r:] = bg, bu
+        k = f"{_PRE}.{layer}.mlp.experts"
+        ref_t[f"{k}.base_layer.lora_A.weight"] = a_gu.reshape(-1, h)
+        ref_t[f"{k}.base_layer.lora_B.weight"] = _expert_minor(b_gu)
+        ref_t[f"{k}.lora_A.weight"] = ad.reshape(-1, i)
+        ref_t[f"{k}.lora_B.weight"] = _expert_minor(bd)
+    return served_t, ref_t, a_gu.shape[1]
 
 
 def _expert_minor(b: torch.Tensor) -> torch.Tensor:

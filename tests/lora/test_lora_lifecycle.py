@@ -197,3 +197,24 @@ def test_unknown_adapter_and_lora_disabled_fail_the_request_only(paths):
     assert res["meta_info"]["finish_reason"]["type"] == "abort"
     assert "--enable-lora" in res["meta_info"]["finish_reason"]["message"]
     assert engine.generate(input_ids=[1, 2, 3], sampling_params=GREEDY)["output_ids"]
+
+
+def test_prefix_cache_is_keyed_by_adapter(paths):
+    engine = make_engine(paths)
+    p = random_prompts(1000, [40], seed=12)[0]
+    first = engine.generate(input_ids=p, sampling_params=GREEDY, lora_path="attn")
+    other = engine.generate(input_ids=p, sampling_params=GREEDY, lora_path="experts")
+    same = engine.generate(input_ids=p, sampling_params=GREEDY, lora_path="attn")
+    base = engine.generate(input_ids=p, sampling_params=GREEDY)
+    assert other["meta_info"]["cached_tokens"] == 0
+    assert base["meta_info"]["cached_tokens"] == 0
+    assert same["meta_info"]["cached_tokens"] >= 39
+    assert same["output_ids"] == first["output_ids"]
+
+
+def test_host_cache_rereads_evicted_adapters(paths, reference):
+    prompts, loras, alone = reference
+    engine = make_engine(paths, max_loras_per_batch=2, max_loaded_loras=2)
+    res = engine.generate(input_ids=prompts, sampling_params=GREEDY, lora_path=loras)
+    assert [r["output_ids"] for r in res] == alone
+    assert len(engine.runner.lora_manager.registry.cached_names()) <= 2
