@@ -165,7 +165,9 @@ class Scheduler:
         if chunk > 0:
             budget = min(budget, chunk)
         candidates = [self.chunked] if self.chunked else []
-        candidates += order_waiting(self.waiting, self.args.schedule_policy, self.kv.match_prefix)
+        ordered = order_waiting(self.waiting, self.args.schedule_policy, self.kv.match_prefix)
+        # requests starved of an adapter slot go first, and block everything behind them
+        candidates += sorted(ordered, key=lambda r: r.lora_wait_rounds <= LORA_STARVATION_ROUNDS)
         picked: list[Req] = []
         slots: list[torch.Tensor] = []
         for req in candidates:

@@ -218,3 +218,23 @@ def test_host_cache_rereads_evicted_adapters(paths, reference):
     res = engine.generate(input_ids=prompts, sampling_params=GREEDY, lora_path=loras)
     assert [r["output_ids"] for r in res] == alone
     assert len(engine.runner.lora_manager.registry.cached_names()) <= 2
+
+
+def test_adapter_waiting_for_a_slot_is_not_starved(paths):
+    """One slot, a steady stream of requests for adapter A: a request for B still runs."""
+    from sglora.messages import SamplingParams, TokenizedGenerateReq
+
+    engine = make_engine(paths, max_loras_per_batch=1)
+    s = engine.scheduler
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=0.0)
+    s.add_request(TokenizedGenerateReq("a0", [3, 4, 5], sp, lora_name="attn"))
+    s.step()
+    s.add_request(TokenizedGenerateReq("b", [3, 4, 5], sp, lora_name="experts"))
+    finished_b_at = None
+    for step in range(300):
+        s.add_request(TokenizedGenerateReq(f"a{step + 1}", [3, 4, 5, step % 50], sp,
+                                           lora_name="attn"))
+        if any(o.rid == "b" and o.finished for o in s.step()):
+            finished_b_at = step
+            break
+    assert finished_b_at is not None, "the request for adapter B never ran"
