@@ -123,3 +123,81 @@ class ReqOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+
+
+# ---- api server <-> scheduler process: transport, batching and control ---------------------
+
+
+@dataclass
+class PortArgs:
+    """ZMQ endpoints (ipc:// in a private temp dir) between the api server and the scheduler."""
+
+    scheduler_input: str  # api server PUSH -> scheduler PULL
+    tokenizer_input: str  # scheduler PUSH -> api server PULL
+
+
+@dataclass
+class SchedulerReady:
+    """scheduler -> launcher (over the ready pipe): the model is loaded and the sockets bound."""
+
+    pid: int
+    context_len: int
+    vocab_size: int
+    kv_capacity: int  # tokens
+    max_running_requests: int
+    architecture: str
+    eos_token_ids: list[int]
+    device: str
+    dtype: str
+
+
+@dataclass
+class SchedulerInitError:
+    """scheduler -> launcher (over the ready pipe): start-up failed; `message` is for the user."""
+
+    message: str
+
+
+@dataclass
+class BatchReqOutput:
+    """scheduler -> api server: every request's output of one step, in one message."""
+
+    outputs: list[ReqOutput]
+
+
+@dataclass
+class FlushCacheReq:
+    """api server -> scheduler: drop the prefix cache (only done when no request runs)."""
+
+    req_id: str
+
+
+@dataclass
+class FlushCacheResp:
+    req_id: str
+    success: bool
+    message: str
+
+
+@dataclass
+class GetStatsReq:
+    """api server -> scheduler: report load and KV usage, and check the KV pool's integrity."""
+
+    req_id: str
+
+
+@dataclass
+class SchedulerStats:
+    req_id: str
+    running: int
+    waiting: int
+    kv_used_tokens: int  # slots not free: held by running requests or the prefix cache
+    kv_cached_tokens: int  # slots held by the prefix cache
+    kv_capacity: int
+    num_retractions: int
+    integrity_error: str | None  # None: check_integrity() passed
+
+
+@dataclass
+class ShutdownReq:
+    """api server -> scheduler: leave the loop and exit 0."""

@@ -1,19 +1,260 @@
-"""Start serving from ServerArgs. Until the HTTP front end lands, `--demo` runs the offline
-engine on the built-in demo model and prints a few completions."""
+"""Start serving from ServerArgs (called by launch_server.py): the scheduler in a child
+process, the api server (FastAPI + uvicorn) in this one.
+
+Order: bind the HTTP port (so a busy port fails before the model loads), spawn the scheduler
+and wait for its ready message, connect the tokenizer manager, run one warm-up generation,
+serve. While serving, a dead child is noticed at once (its sentinel fd): the server logs its
+exit code, fails open requests with 503 and exits 1. SIGTERM/SIGINT: stop accepting, let
+in-flight requests finish for up to DRAIN_TIMEOUT_S, abort the rest, stop the child, exit 0.
+"""
 
 from __future__ import annotations
 
-from sglora.config import ServerArgs
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
 
-DEMO_PROMPTS = ["The weather in Zürich today is", "A good recipe for soup starts with",
-                "def fibonacci(n):"]
+import uvicorn
+
+from sglora.config import ConfigError, ServerArgs
+from sglora.engine import load_tokenizer
+from sglora.messages import PortArgs, SchedulerInitError, SchedulerReady
+from sglora.scheduler.process import run_scheduler_process
+from sglora.server.api_server import create_app
+from sglora.server.metrics import Metrics
+from sglora.server.tokenizer_manager import TokenizerManager
+
+logger = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 30  # in-flight requests get this long after SIGTERM before they are aborted
+CHILD_EXIT_TIMEOUT_S = 10
+DEMO_MODEL_NAME = "sglora-demo"
 
 
 def launch(args: ServerArgs) -> int:
-    from sglora.engine import Engine
+    if args.demo and args.model_path is None:
+        from sglora.testing.tiny import demo_model_path
 
-    engine = Engine(args)
-    results = engine.generate(DEMO_PROMPTS, {"max_new_tokens": 24, "temperature": 0.0})
-    for prompt, res in zip(DEMO_PROMPTS, results):
-        print(f"{prompt!r} -> {res['text']!r}")
-    return 0
+        args = args.replace(
+            model_path=str(demo_model_path()),
+            served_model_name=args.served_model_name or DEMO_MODEL_NAME,
+        )
+    if threading.current_thread() is threading.main_thread():
+        # Until uvicorn takes over the signals, SIGTERM interrupts start-up like Ctrl-C does,
+        # so the `finally` below still stops the child.
+        signal.signal(signal.SIGTERM, _interrupt)
+    sock = _bind(args.host, args.port)
+    ipc_dir = Path(tempfile.mkdtemp(prefix="sglora-ipc-"))
+    port_args = PortArgs(
+        scheduler_input=f"ipc://{ipc_dir}/scheduler", tokenizer_input=f"ipc://{ipc_dir}/tokenizer"
+    )
+    proc, asked_to_exit = None, False
+    try:
+        proc, reader = _spawn_scheduler(args, port_args)
+        tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)  # while the child loads
+        ready = _wait_ready(proc, reader)
+        code = asyncio.run(_serve(args, port_args, ready, tokenizer, proc, sock))
+        asked_to_exit = True  # _serve sent ShutdownReq
+        return code
+    finally:
+        sock.close()
+        if proc is not None:
+            _stop_child(proc, CHILD_EXIT_TIMEOUT_S if asked_to_exit else 0)
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+def _interrupt(sig: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_child(proc: BaseProcess, timeout: float) -> None:
+    proc.join(timeout)
+    if proc.is_alive():
+        if timeout:
+            logger.warning("the scheduler did not exit within %.0f s; killing it", timeout)
+        proc.kill()  # it ignores SIGTERM (see scheduler/process.py)
+        proc.join()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"--port: cannot listen on {host}:{port} ({e.strerror})") from None
+    sock.set_inheritable(False)
+    return sock
+
+
+def _spawn_scheduler(args: ServerArgs, port_args: PortArgs) -> tuple[BaseProcess, Connection]:
+    ctx = multiprocessing.get_context("spawn")
+    reader, writer = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=run_scheduler_process,
+        args=(args, port_args, writer),
+        name="sglora-scheduler",
+        daemon=True,
+    )
+    proc.start()
+    writer.close()  # so that reader.recv() raises EOFError if the child dies before answering
+    return proc, reader
+
+
+def _wait_ready(proc: BaseProcess, reader: Connection) -> SchedulerReady:
+    try:
+        msg = reader.recv()
+    except EOFError:
+        proc.join()
+        raise ConfigError(
+            f"the scheduler process died while starting (exit code {proc.exitcode}); "
+            "see the log above"
+        ) from None
+    finally:
+        reader.close()
+    if isinstance(msg, SchedulerInitError):
+        proc.join()
+        raise ConfigError(msg.message)
+    assert isinstance(msg, SchedulerReady), msg
+    logger.info(
+        "scheduler ready (pid %d): %s on %s, KV cache %d tokens",
+        msg.pid,
+        msg.architecture,
+        msg.device,
+        msg.kv_capacity,
+    )
+    return msg
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a captured SIGTERM after shutting down, which would end the process
+    with -15; we drain and exit 0 instead. `on_exit_signal` runs (inside the signal handler)
+    on the first SIGTERM/SIGINT."""
+
+    def __init__(self, config: uvicorn.Config, on_exit_signal: Callable[[], None]):
+        super().__init__(config)
+        self.on_exit_signal = on_exit_signal
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        if not self.should_exit:
+            logger.info("got %s: draining in-flight requests", signal.Signals(sig).name)
+            self.on_exit_signal()
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+
+async def _serve(
+    args: ServerArgs,
+    port_args: PortArgs,
+    ready: SchedulerReady,
+    tokenizer: Any,
+    proc: BaseProcess,
+    sock: socket.socket,
+) -> int:
+    tm = TokenizerManager(args, port_args, ready, tokenizer, Metrics())
+    tm.start()
+    try:
+        return await _Supervisor(args, tm, proc).run(sock)
+    finally:
+        tm.abort_all()  # whatever the drain left
+        tm.shutdown_scheduler()
+        tm.close()
+
+
+class _Supervisor:
+    """Runs uvicorn while watching the scheduler process and the exit signals."""
+
+    def __init__(self, args: ServerArgs, tm: TokenizerManager, proc: BaseProcess):
+        self.args, self.tm, self.proc = args, tm, proc
+        self.app = create_app(tm)
+        config = uvicorn.Config(
+            self.app,
+            log_level=args.log_level,
+            access_log=args.log_level == "debug",
+            timeout_graceful_shutdown=DRAIN_TIMEOUT_S + 10,  # a backstop: we abort first
+            log_config=None,
+        )
+        self.server = _Server(config, self.on_exit_signal)
+        self.loop = asyncio.get_running_loop()
+        self.exit_code = 0
+        self.tasks: list[asyncio.Task] = []  # strong references: the loop keeps weak ones
+
+    async def run(self, sock: socket.socket) -> int:
+        self.loop.add_reader(self.proc.sentinel, self.child_exited)
+        try:
+            if not await self.tm.health_check(timeout=60, force_generate=True):
+                logger.error("warm-up generation failed: %s", self.tm.dead or "timeout")
+                return 1
+            self.tasks.append(
+                asyncio.create_task(_announce(self.server, self.args, self.tm.model_name))
+            )
+            await self.server.serve(sockets=[sock])
+        finally:
+            for task in self.tasks:
+                task.cancel()
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self.proc.sentinel)
+        return self.exit_code
+
+    def child_exited(self) -> None:
+        self.loop.remove_reader(self.proc.sentinel)
+        self.proc.join(1)
+        code = self.proc.exitcode
+        logger.error(
+            "the scheduler process exited unexpectedly (exit code %s); shutting down", code
+        )
+        self.exit_code = 1
+        self.tm.fail_all(f"the scheduler process exited (exit code {code})")
+        self.server.should_exit = True
+
+    def on_exit_signal(self) -> None:  # runs in a signal handler: only schedule work here
+        self.app.state.draining = True
+        self.loop.call_soon_threadsafe(
+            lambda: self.tasks.append(self.loop.create_task(self.abort_after_drain_timeout()))
+        )
+
+    async def abort_after_drain_timeout(self) -> None:
+        deadline = self.loop.time() + DRAIN_TIMEOUT_S
+        while self.tm.states and self.loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if self.tm.states:
+            # aborting (rather than letting uvicorn cancel the handlers) ends each stream
+            # with finish_reason "abort" and [DONE] instead of a cut connection
+            logger.warning("drain timeout: aborting %d requests", len(self.tm.states))
+            self.tm.abort_all()
+
+
+async def _announce(server: uvicorn.Server, args: ServerArgs, model: str) -> None:
+    while not server.started:
+        await asyncio.sleep(0.05)
+    url = f"http://{args.host}:{args.port}"
+    logger.info("sglora is serving %s at %s/v1", model, url)
+    if args.demo:
+        print(
+            f"\nsglora is ready at {url}. Try:\n\n"
+            f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+            f'  -d \'{{"model": "{model}", "messages": [{{"role": "user", '
+            f'"content": "Tell me about the weather."}}], "max_tokens": 32}}\'\n',
+            flush=True,
+        )

@@ -1,0 +1,113 @@
+"""Prometheus metrics of one api server (fed by the tokenizer manager, scraped at /metrics).
+
+Each app gets its own CollectorRegistry, so two servers in one process (tests) do not share
+counters. Every series carries a `model` label: the served model name today, the adapter name
+once requests can choose one. Token counters count what was served: the prompt of a request
+that got past prefill, and every generated token.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from sglora.messages import SchedulerStats
+
+PREFIX = "sglora:"
+# seconds; the low end resolves CPU tiny models, the high end long generations on a busy GPU
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r, m = self.registry, ["model"]
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens", "Prompt tokens prefilled.", m, registry=r
+        )
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Tokens generated.", m, registry=r
+        )
+        self.cached_tokens = Counter(
+            PREFIX + "cached_tokens", "Prompt tokens served from the prefix cache.", m, registry=r
+        )
+        self.requests = Counter(
+            PREFIX + "requests",
+            "Finished requests by finish reason.",
+            ["model", "finish_reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time from arrival to the first output token.",
+            m,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            PREFIX + "time_per_output_token_seconds",
+            "Mean time between output tokens of a request.",
+            m,
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Time from arrival to the last output token.",
+            m,
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.running = Gauge(
+            PREFIX + "num_running_reqs",
+            "Requests holding KV (decoding or prefilling).",
+            m,
+            registry=r,
+        )
+        self.waiting = Gauge(
+            PREFIX + "num_waiting_reqs", "Requests queued for admission.", m, registry=r
+        )
+        self.kv_usage = Gauge(
+            PREFIX + "kv_cache_usage",
+            "Share of KV slots not free (running requests and the prefix cache), 0..1.",
+            m,
+            registry=r,
+        )
+        self.kv_used = Gauge(PREFIX + "kv_used_tokens", "KV slots not free.", m, registry=r)
+        self.kv_cached = Gauge(
+            PREFIX + "kv_cached_tokens", "KV slots held by the prefix cache.", m, registry=r
+        )
+
+    def on_first_token(self, model: str, ttft: float) -> None:
+        self.ttft.labels(model).observe(ttft)
+
+    def on_finish(
+        self,
+        model: str,
+        reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int,
+        e2e: float,
+        decode_time: float | None,
+    ) -> None:
+        """`decode_time`: seconds from the first to the last token (None if no token)."""
+        self.requests.labels(model, reason).inc()
+        if completion_tokens > 0 or reason != "abort":  # aborted before prefill: nothing served
+            self.prompt_tokens.labels(model).inc(prompt_tokens)
+            self.cached_tokens.labels(model).inc(cached_tokens)
+        self.generation_tokens.labels(model).inc(completion_tokens)
+        self.e2e.labels(model).observe(e2e)
+        if decode_time is not None and completion_tokens > 1:
+            self.tpot.labels(model).observe(decode_time / (completion_tokens - 1))
+
+    def set_scheduler_stats(self, model: str, stats: SchedulerStats) -> None:
+        self.running.labels(model).set(stats.running)
+        self.waiting.labels(model).set(stats.waiting)
+        self.kv_used.labels(model).set(stats.kv_used_tokens)
+        self.kv_cached.labels(model).set(stats.kv_cached_tokens)
+        self.kv_usage.labels(model).set(stats.kv_used_tokens / max(stats.kv_capacity, 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,147 @@
+"""What the route handlers share (openai_api.py, openai_chat.py, native_api.py): OpenAI request
+checks, SamplingParams from OpenAI fields, token strings for logprobs, and server-sent events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel
+
+from sglora.messages import MAX_TOP_LOGPROBS, SamplingParams, TokenizedGenerateReq
+from sglora.server.errors import APIError, bad_value, unsupported
+from sglora.server.protocol import SamplingFields, UsageInfo
+from sglora.server.tokenizer_manager import TokenizerManager
+
+logger = logging.getLogger(__name__)
+
+MAX_N = 64  # choices per request; each is a scheduler request
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def check_common(tm: TokenizerManager, body: SamplingFields) -> int:
+    """Checks every OpenAI endpoint needs; returns n."""
+    tm.check_alive()  # before a stream starts, while a 503 can still be the status
+    tm.checker.check_model(body.model)
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_N:
+        raise bad_value(f"n must be in [1, {MAX_N}], got {n}", "n")
+    if body.logit_bias:
+        raise unsupported("logit_bias is not supported", "logit_bias")
+    if body.stream_options is not None and not body.stream:
+        raise bad_value("stream_options is only allowed when stream is true", "stream_options")
+    return n
+
+
+def check_top_logprobs(k: int | None, param: str) -> int:
+    if k is None:
+        return 0
+    if not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise bad_value(f"{param} must be in [0, {MAX_TOP_LOGPROBS}], got {k}", param)
+    return k
+
+
+def sampling_params(
+    tm: TokenizerManager, body: SamplingFields, max_new: int, sample: int, max_param: str
+) -> SamplingParams:
+    """`sample`: which of the n choices; a seeded request gives choice j the seed + j, so the
+    choices differ but each is reproducible."""
+
+    def pick(v: Any, default: Any) -> Any:
+        return default if v is None else v
+
+    sp = SamplingParams(
+        max_new_tokens=max_new,
+        temperature=pick(body.temperature, 1.0),
+        top_p=pick(body.top_p, 1.0),
+        top_k=pick(body.top_k, -1),
+        min_p=pick(body.min_p, 0.0),
+        presence_penalty=pick(body.presence_penalty, 0.0),
+        frequency_penalty=pick(body.frequency_penalty, 0.0),
+        repetition_penalty=pick(body.repetition_penalty, 1.0),
+        stop=pick(body.stop, []),
+        stop_token_ids=pick(body.stop_token_ids, []),
+        ignore_eos=body.ignore_eos,
+        skip_special_tokens=body.skip_special_tokens,
+        seed=None if body.seed is None else body.seed + sample,
+    )
+    return tm.checker.verify(sp, {"max_new_tokens": max_param})
+
+
+def make_req(
+    input_ids: list[int],
+    sp: SamplingParams,
+    return_logprob: bool,
+    top_n: int,
+    logprob_start_len: int = -1,
+) -> TokenizedGenerateReq:
+    return TokenizedGenerateReq(
+        rid=uuid.uuid4().hex,
+        input_ids=input_ids,
+        sampling_params=sp,
+        return_logprob=return_logprob,
+        logprob_start_len=logprob_start_len,
+        top_logprobs_num=top_n,
+    )
+
+
+def finish_reason(reason: dict[str, Any] | None) -> str | None:
+    return FINISH_REASONS.get((reason or {}).get("type", ""), None) if reason else None
+
+
+def stop_reason(reason: dict[str, Any] | None) -> int | str | None:
+    """The matched stop string or token id, as vLLM's `stop_reason`."""
+    return reason.get("matched") if reason and reason.get("type") == "stop" else None
+
+
+def usage(prompt_lens: list[int], completion_tokens: int) -> UsageInfo:
+    prompt = sum(prompt_lens)
+    return UsageInfo(
+        prompt_tokens=prompt,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt + completion_tokens,
+    )
+
+
+class TokenStrings:
+    """Token id -> its text alone (special tokens kept), cached: logprobs name tokens so."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token_id: int) -> str:
+        s = self.cache.get(token_id)
+        if s is None:
+            s = self.cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return s
+
+
+def sse(payload: BaseModel | dict) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def sse_with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Once a stream has started its status is 200; a later error becomes an error event
+    (the openai client raises it) followed by [DONE]."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as e:
+        yield sse(e.body())
+        yield SSE_DONE
+    except Exception as e:  # a bug: log it, and still end the stream in a parseable way
+        logger.exception("stream failed")
+        yield sse(
+            APIError(
+                500, f"internal server error: {type(e).__name__}: {e}", code="internal_error"
+            ).body()
+        )
+        yield SSE_DONE

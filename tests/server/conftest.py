@@ -1,0 +1,124 @@
+"""Server fixtures: a real `python -m sglora.launch_server` process on loopback (one per
+session), the official openai clients pointed at it, and an in-process Engine on the same tiny
+model as the reference for exact tokens and logprobs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from sglora.engine import Engine
+
+MODEL = "tiny-moe"  # --served-model-name of the session server
+START_TIMEOUT_S = 120
+
+
+@dataclass
+class ServerProc:
+    proc: subprocess.Popen
+    url: str  # http://127.0.0.1:PORT
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM (graceful drain); SIGKILL only if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], log_path: Path) -> ServerProc:
+    """Launch and wait (bounded) until /health answers 200."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglora.launch_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
+    log = open(log_path, "w")  # noqa: SIM115 - the child writes it for its whole life
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    log.close()
+    server = ServerProc(proc, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.url + "/health", timeout=5).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server not healthy within {START_TIMEOUT_S} s:\n{server.log()}")
+
+
+@pytest.fixture(scope="session")
+def model_path(tiny_path) -> str:
+    return str(tiny_path("qwen3_moe"))
+
+
+@pytest.fixture(scope="session")
+def server(model_path, tmp_path_factory):
+    srv = start_server(
+        ["--model-path", model_path, "--served-model-name", MODEL],
+        tmp_path_factory.mktemp("server") / "server.log",
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def engine(model_path) -> Engine:
+    """Same model and defaults as the server, in this process."""
+    return Engine(model_path=model_path, device="cpu")
+
+
+def wait_idle(http: httpx.Client, timeout: float = 30) -> dict:
+    """Bounded poll of /get_server_info until no request is open; returns the last info."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = http.get("/get_server_info").json()
+        if info["running"] == 0 and info["waiting"] == 0 and info["open_requests"] == 0:
+            return info
+        assert time.monotonic() < deadline, f"server not idle after {timeout} s: {info}"
+        time.sleep(0.05)
