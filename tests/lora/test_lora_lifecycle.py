@@ -232,8 +232,9 @@ def test_adapter_waiting_for_a_slot_is_not_starved(paths):
     s.add_request(TokenizedGenerateReq("b", [3, 4, 5], sp, lora_name="experts"))
     finished_b_at = None
     for step in range(300):
-        s.add_request(TokenizedGenerateReq(f"a{step + 1}", [3, 4, 5, step % 50], sp,
-                                           lora_name="attn"))
+        s.add_request(
+            TokenizedGenerateReq(f"a{step + 1}", [3, 4, 5, step % 50], sp, lora_name="attn")
+        )
         if any(o.rid == "b" and o.finished for o in s.step()):
             finished_b_at = step
             break

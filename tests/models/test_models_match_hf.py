@@ -89,11 +89,13 @@ def test_checkpoint_variants_match_hf(family, kwargs, tiny_path):
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 def test_dummy_weights_run_at_the_configs_shapes(family, tiny_path):
     engine = Engine(model_path=str(tiny_path(family)), device="cpu", load_format="dummy")
-    res = engine.generate(input_ids=[1, 2, 3, 4], sampling_params={"max_new_tokens": 3},
-                          return_logprob=True)
+    res = engine.generate(
+        input_ids=[1, 2, 3, 4], sampling_params={"max_new_tokens": 3}, return_logprob=True
+    )
     assert len(res["output_ids"]) == 3
-    assert all(torch.isfinite(torch.tensor(lp)) for lp, _, _ in
-               res["meta_info"]["output_token_logprobs"])
+    assert all(
+        torch.isfinite(torch.tensor(lp)) for lp, _, _ in res["meta_info"]["output_token_logprobs"]
+    )
     # dummy weights are not the checkpoint's
     w = engine.runner.model.layers[0].mlp.experts.w13_weight
     assert w.abs().max() <= 0.02
