@@ -44,7 +44,7 @@ def adapter_tensors(
     inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
 
     def rnd(*shape):
-        return (torch.randn(shape, generator=gen) * std).to(dtype)
+        return (torch.randn(shape, generator=gen, device=gen.device) * std).to(dtype).cpu()
 
     out: dict[str, torch.Tensor] = {}
     for layer in range(cfg.num_hidden_layers):

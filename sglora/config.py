@@ -90,6 +90,18 @@ class ServerArgs:
         "lpm", "Waiting-queue order: longest prefix match or FCFS.", ("lpm", "fcfs")
     )
     disable_cuda_graph: bool = _arg(False, "Run decode eagerly instead of replaying CUDA graphs.")
+    cuda_graph_max_bs: int = _arg(
+        256, "Largest decode batch replayed from a CUDA graph (larger ones run eagerly)."
+    )
+    cuda_graph_bs: tuple[int, ...] | None = _arg(
+        None, "Batch sizes to capture (default: 1, 2, 4, 8, 16, ... up to --cuda-graph-max-bs)."
+    )
+    attention_backend: str = _arg(
+        "auto",
+        "Attention kernels over the paged KV cache ('auto': triton on CUDA, torch_native on "
+        "CPU; triton on CPU needs TRITON_INTERPRET=1).",
+        ("auto", "triton", "torch_native"),
+    )
 
     # Parallelism
     tp_size: int = _arg(1, "Tensor-parallel degree (processes, one per GPU).")
@@ -115,9 +127,25 @@ class ServerArgs:
         "Modules that get LoRA buffers (q_proj ... down_proj, qkv_proj, gate_up_proj, "
         "embed_tokens, lm_head, or all). Default: those of --lora-paths, else all.",
     )
-    lora_backend: str = _arg("torch_native", "Dense LoRA kernels.", ("torch_native",))
+    lora_backend: str = _arg(
+        "auto",
+        "Dense LoRA kernels: csgmv (tokens grouped by adapter into chunks), triton (per-token "
+        "adapter ids) or torch_native; 'auto': csgmv on CUDA, torch_native on CPU.",
+        ("auto", "csgmv", "triton", "torch_native"),
+    )
+    max_lora_chunk_size: int = _arg(
+        16, "Most tokens per chunk of the csgmv LoRA backend (a power of two, 16..128)."
+    )
     lora_eviction_policy: str = _arg(
         "lru", "Which resident adapter leaves its slot first.", ("lru", "fifo")
+    )
+    lora_moe_backend: str = _arg(
+        "auto",
+        "Expert (MoE) LoRA kernels: virtual_experts ((adapter, expert) pairs grouped in one "
+        "alignment pass), fused (per-adapter shrink/expand over the base alignment) or "
+        "torch_native; 'auto': virtual_experts on CUDA, torch_native on CPU (the Triton ones "
+        "on CPU need TRITON_INTERPRET=1).",
+        ("auto", "virtual_experts", "fused", "torch_native"),
     )
     experts_shared_outer_loras: bool = _arg(
         False,
@@ -153,6 +181,10 @@ class ServerArgs:
             "must be >= 2",
         )
         need(self.tp_size >= 1, "tp_size", "must be >= 1")
+        need(self.cuda_graph_max_bs >= 1, "cuda_graph_max_bs", "must be >= 1")
+        need(
+            not self.cuda_graph_bs or min(self.cuda_graph_bs) >= 1, "cuda_graph_bs", "must be >= 1"
+        )
         if self.lora_paths and not self.enable_lora:
             object.__setattr__(self, "enable_lora", True)
         need(self.max_loras_per_batch >= 1, "max_loras_per_batch", "must be >= 1")
@@ -161,6 +193,11 @@ class ServerArgs:
             self.max_loaded_loras is None or self.max_loaded_loras >= self.max_loras_per_batch,
             "max_loaded_loras",
             "must be >= --max-loras-per-batch",
+        )
+        need(
+            self.max_lora_chunk_size in (16, 32, 64, 128),
+            "max_lora_chunk_size",
+            "must be a power of two in 16..128",
         )
         unknown = [m for m in self.lora_target_modules or () if m not in LORA_TARGET_MODULES]
         need(

@@ -10,6 +10,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Triton kernels run interpreted without a GPU. triton.jit reads this when triton.language is
+# first imported (transformers does so through torch._dynamo), so it is set before any import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sglora.testing.tiny import tiny_model_path  # noqa: E402
 

@@ -39,12 +39,12 @@ def copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
 
 
 class LinearBase(nn.Module):
-    """`lora`, when set (by `lora/layers.py`), returns this layer's LoRA delta for the current
-    batch, or None when no request in it has an adapter."""
+    """`lora`, when set (by `lora/layers.py`), adds this layer's LoRA delta for the current
+    batch into the output in place (nothing when no request in it has an adapter)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None):
         super().__init__()
-        self.lora: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+        self.lora: Callable[[torch.Tensor, torch.Tensor], None] | None = None
         self.in_features, self.out_features = in_features, out_features  # local (this rank)
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, dtype=dtype), requires_grad=False
@@ -61,8 +61,8 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.lora is not None and (delta := self.lora(x)) is not None:
-            y = y + delta
+        if self.lora is not None:
+            self.lora(x, y)
         return y
 
 
@@ -199,8 +199,8 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
         # this rank's LoRA partial joins the base partial, so one all-reduce sums both
-        if self.lora is not None and (delta := self.lora(x)) is not None:
-            y = y + delta
+        if self.lora is not None:
+            self.lora(x, y)
         if self.reduce_results:
             y = tp_all_reduce(y)
         if self.bias is not None:

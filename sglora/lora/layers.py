@@ -1,8 +1,9 @@
-"""Attach LoRA to a built model: a hook per LoRA-able layer that returns the delta of the
+"""Attach LoRA to a built model: a hook per LoRA-able layer that applies the LoRA of the
 current batch (between the LoRA manager and the base layers in `sglora/layers/`).
 
-Base layers call `self.lora(...)` when it is set; the hook returns None for batches without
-adapters, so base-only batches run exactly the base computation.
+Base layers call `self.lora(...)` when it is set: linear layers' hooks add the delta into the
+output in place, the others return it. For batches without adapters they do nothing, so
+base-only batches run exactly the base computation.
 """
 
 from __future__ import annotations
@@ -33,13 +34,19 @@ class LinearLoRAHook:
     def __init__(self, manager: LoRAManager, buf: GroupBuffers):
         self.manager, self.buf = manager, buf
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y += LoRA delta of x, in place."""
         info = self.manager.batch_info
-        if info is None:
-            return None
-        return self.manager.backend.linear_delta(
-            x, self.buf.A, self.buf.B, self.buf.out_sizes, info.token_slots, info.active_slots
-        )
+        if info is not None:
+            self.manager.backend.apply_linear(
+                x,
+                y,
+                self.buf.A,
+                self.buf.B,
+                self.buf.out_sizes,
+                info.token_slots,
+                info.active_slots,
+            )
 
 
 class EmbeddingLoRAHook:
@@ -55,7 +62,10 @@ class EmbeddingLoRAHook:
         )
 
 
-class LMHeadLoRAHook(LinearLoRAHook):
+class LMHeadLoRAHook:
+    def __init__(self, manager: LoRAManager, buf: GroupBuffers):
+        self.manager, self.buf = manager, buf
+
     def __call__(self, x: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor | None:
         info = self.manager.batch_info
         if info is None:

@@ -17,8 +17,8 @@ from torch import nn
 
 from sglora.config import LORA_TARGET_MODULES, ServerArgs
 from sglora.lora.adapter import AdapterError, LoRAAdapter
-from sglora.lora.backends.base import LORA_BACKENDS, LoRABatchInfo
-from sglora.lora.backends.torch_native import TorchNativeLoRABackend  # noqa: F401 (registers)
+from sglora.lora.backends import create_lora_backend
+from sglora.lora.backends.base import LoRABatchInfo
 from sglora.lora.layers import attach_lora
 from sglora.lora.pool import GROUP_OF, GROUPS, LoRASlotPool
 from sglora.lora.registry import LoRARegistry
@@ -81,7 +81,7 @@ class LoRAManager:
             device,
             args.experts_shared_outer_loras,
         )
-        self.backend = LORA_BACKENDS[args.lora_backend]()
+        self.backend = create_lora_backend(args, device)
         self.slot_of: dict[str, int] = {}
         self.pinned: set[str] = set()
         self._clock = count()
@@ -180,9 +180,26 @@ class LoRAManager:
             seq_slots=torch.tensor(seq_slots, dtype=torch.int64).to(self.device),
             seq_lens_cpu=list(seq_lens),
             active_slots=sorted({s for s in seq_slots if s >= 0}),
+            seq_slots_cpu=seq_slots,
         )
         self.backend.prepare(self.batch_info)
         return self.batch_info
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether LoRA batches can replay CUDA graphs (dense and expert kernels both allow)."""
+        return self.backend.graph_safe and getattr(self, "moe_backend_graph_safe", True)
+
+    def static_batch_info(self, token_slots: torch.Tensor) -> LoRABatchInfo:
+        """A decode LoRABatchInfo over a CUDA graph's fixed slot buffer (one token a request)."""
+        bs = token_slots.shape[0]
+        return LoRABatchInfo(
+            token_slots=token_slots,
+            seq_slots=token_slots,
+            seq_lens_cpu=[1] * bs,
+            active_slots=list(range(self.pool.num_slots)),
+            seq_slots_cpu=[-1] * bs,
+        )
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()

@@ -14,6 +14,7 @@ from sglora.config import ServerArgs
 from sglora.distributed.parallel_state import get_tp_rank
 from sglora.layers.attention.base import ATTENTION_BACKENDS
 from sglora.layers.attention.torch_native import TorchNativeAttnBackend  # noqa: F401 (registers)
+from sglora.layers.attention.triton_backend import TritonAttnBackend  # noqa: F401 (registers)
 from sglora.layers.logits import LogitsOutput
 from sglora.mem_cache.allocator import ReqToTokenPool, TokenToKVAllocator
 from sglora.mem_cache.kv_pool import KVPool
@@ -47,6 +48,7 @@ class ModelRunner:
         self.init_memory_pool()
         self.init_attention_backend()
         self.sampler = Sampler()
+        self.init_cuda_graphs()
 
     def load_model(self) -> None:
         cfg = self.model_config
@@ -113,7 +115,24 @@ class ModelRunner:
         logger.info("KV cache: %d tokens (%.2f GB)", size, self.kv_pool.size_bytes() / 1e9)
 
     def init_attention_backend(self) -> None:
-        self.attn_backend = ATTENTION_BACKENDS["torch_native"]()
+        name = self.args.attention_backend
+        if name == "auto":
+            name = "triton" if self.device.type == "cuda" else "torch_native"
+        self.attn_backend = ATTENTION_BACKENDS[name]()
+
+    def init_cuda_graphs(self) -> None:
+        """Decode graphs, after every buffer they read exists (weights, LoRA slots, KV)."""
+        self.graph_runner = None
+        if self.device.type != "cuda" or self.args.disable_cuda_graph:
+            return
+        from sglora.model_executor.cuda_graph_runner import (
+            CudaGraphRunner,
+            default_capture_sizes,
+        )
+
+        max_bs = min(self.args.cuda_graph_max_bs, self.args.max_running_requests)
+        sizes = [b for b in self.args.cuda_graph_bs or default_capture_sizes(max_bs) if b <= max_bs]
+        self.graph_runner = CudaGraphRunner(self, sizes)
 
     def forward(self, batch: ForwardBatch) -> LogitsOutput:
         batch.req_to_token_pool = self.req_to_token_pool
@@ -124,4 +143,6 @@ class ModelRunner:
             batch.lora = self.lora_manager.prepare(
                 batch.lora_names or [None] * batch.batch_size, batch.extend_seq_lens_cpu
             )
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.replay(batch)
         return self.model(batch)

@@ -1,5 +1,6 @@
 """Routed experts of one MoE layer: the weights, their loading and TP sharding, and the
-PyTorch reference forward (the Triton fused-MoE kernels plug in behind the same call).
+PyTorch reference forward (CPU); on CUDA the same call runs the Triton fused MoE of
+`kernels/fused_moe.py`.
 
 Layout: `w13_weight` [E, 2·I_local, H] holds [gate; up] of each expert (like transformers 5's
 fused `gate_up_proj`), `w2_weight` [E, H, I_local] the down projection. TP shards the
@@ -76,6 +77,12 @@ class FusedMoE(nn.Module):
             and (out := self.lora(self, x, topk_weights, topk_ids)) is not None
         ):
             return out
+        if x.is_cuda:  # Triton fused MoE; imported here so CPU runs never load Triton
+            from sglora.kernels.fused_moe import fused_moe
+
+            return fused_moe(
+                x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation
+            )
         return moe_forward_reference(
             x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation
         )

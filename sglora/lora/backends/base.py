@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from sglora.config import ServerArgs
 
 
 @dataclass
@@ -21,11 +25,24 @@ class LoRABatchInfo:
     active_slots: list[int]  # distinct slots used in this batch (CPU)
     sample_slots: torch.Tensor | None = None  # [bs] slot of each sampled row (lm_head LoRA)
     logprob_slots: torch.Tensor | None = None  # [N] slot of each prompt-logprob row
+    seq_slots_cpu: list[int] | None = None  # seq_slots on the host, for backends' `prepare`
+    segments: Any = None  # backend-specific per-batch tensors, set by `LoRABackend.prepare`
 
 
 class LoRABackend(ABC):
+    # True when a forward reads only device tensors of fixed shape (no host data, no syncs),
+    # so it can be captured in a CUDA graph and replayed after `prepare_replay`.
+    graph_safe: bool = False
+
+    def __init__(self, args: ServerArgs | None = None) -> None:
+        self.args = args
+
     def prepare(self, info: LoRABatchInfo) -> None:  # noqa: B027 - optional hook
         """Add backend-specific batch tensors (e.g. segments) to `info`, once per batch."""
+
+    def prepare_replay(self, info: LoRABatchInfo, seq_slots: list[int]) -> None:  # noqa: B027
+        """Refresh, in place, the tensors `prepare` gave a graph's static `info` for new
+        per-request slots (its token_slots already hold them)."""
 
     @abstractmethod
     def linear_delta(
@@ -40,6 +57,19 @@ class LoRABackend(ABC):
         """Σ over sub-projections i: (x A_i[slot]ᵀ) B_i[slot]ᵀ into its output slice.
 
         x [T, in]; A [S, c·R, in]; B [S, Σout, R]; slots [T] -> [T, Σout] (zeros where -1)."""
+
+    def apply_linear(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        out_sizes: tuple[int, ...],
+        slots: torch.Tensor,
+        active: list[int],
+    ) -> None:
+        """y [T, Σout] += linear_delta(...), in place; kernel backends skip the delta tensor."""
+        y += self.linear_delta(x, A, B, out_sizes, slots, active)
 
     @abstractmethod
     def embedding_delta(

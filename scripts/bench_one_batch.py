@@ -1,0 +1,224 @@
+"""Decode and prefill speed of one static batch through the real engine (scheduler, runner,
+kernels), in three modes measured in one run:
+
+  lora_disabled  server without --enable-lora
+  nolora_batch   --enable-lora with N adapters loaded, no request uses one
+  lora_NxrR      N distinct rank-R adapters on attention + experts, requests spread evenly
+
+    python scripts/bench_one_batch.py --model benchmarks/configs/qwen3-30b-a3b \
+        --batch-sizes 1 8 32 64 128 256 512 --input-len 1024 --output-len 256
+
+Weights are dummy (`--load-format dummy`), adapters random (scripts/make_adapters.py). Each row
+has the step's floor: bytes it must read (active weights, adapters' A/B of the experts it hits,
+KV) over the copy bandwidth measured in the same run. Prints a table; appends JSON rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_adapters import adapter_config, adapter_tensors  # noqa: E402
+
+from sglora.engine import Engine  # noqa: E402
+from sglora.messages import SamplingParams, TokenizedGenerateReq  # noqa: E402
+from sglora.testing.tiny import tiny_model_path  # noqa: E402
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """bytes/s of a large device-to-device copy (read + write counted)."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 10 / (time.perf_counter() - t)
+
+
+def make_adapters(model: str, out: Path, num: int, rank: int) -> list[str]:
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model)
+    specs = []
+    for i in range(num):
+        d = out / f"lora{i}"
+        if not (d / "adapter_model.safetensors").is_file():
+            d.mkdir(parents=True, exist_ok=True)
+            gen = torch.Generator(device="cuda").manual_seed(i)  # fast for 30B-sized adapters
+            t = adapter_tensors(cfg, rank, ["attn", "experts"], False, torch.bfloat16, gen)
+            save_file(t, str(d / "adapter_model.safetensors"))
+            (d / "adapter_config.json").write_text(
+                json.dumps(adapter_config(rank, ["attn", "experts"], model))
+            )
+        specs.append(f"lora{i}={d}")
+    return specs
+
+
+def step_floor_bytes(engine: Engine, bs: int, ctx: int, adapters: int, rank: int) -> float:
+    """Bytes one decode step must read: the weights it touches, A/B of the adapters in the
+    batch for the experts it hits, and the KV cache."""
+    c = engine.model_config.hf_config
+    el = engine.model_config.dtype.itemsize
+    h, layers = c.hidden_size, c.num_hidden_layers
+    d = getattr(c, "head_dim", None) or h // c.num_attention_heads
+    q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
+    attn = (h * (q + 2 * kv) + q * h) * layers
+    e = getattr(c, "num_experts", 0) or getattr(c, "num_local_experts", 0)
+    k = c.num_experts_per_tok
+    inter = c.moe_intermediate_size
+    hit = e * (1 - (1 - k / e) ** bs)  # expected distinct experts per layer
+    experts = hit * 3 * h * inter * layers
+    head = c.vocab_size * h + 2 * h * layers
+    weights = (attn + experts + head + e * h * layers) * el
+    kv_bytes = bs * ctx * layers * 2 * kv * el
+    lora = 0.0
+    if adapters:
+        per = bs / adapters
+        hit_a = e * (1 - (1 - k / e) ** per)  # experts one adapter's tokens hit
+        lora_attn = rank * (h + q + 2 * (h + kv) + q + h) * layers
+        lora_exp = hit_a * rank * (3 * h + 3 * inter) * layers
+        lora = adapters * (lora_attn + lora_exp) * el
+    return weights + kv_bytes + lora
+
+
+def run_mode(
+    engine: Engine, mode: str, loras: list[str | None], args, bw: float, meta: dict
+) -> list[dict]:
+    rows = []
+    s = engine.scheduler
+    vocab = engine.model_config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    for bs in args.batch_sizes:
+        sp = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True, temperature=0.0)
+        for i in range(bs):
+            ids = torch.randint(0, vocab, (args.input_len,), generator=gen).tolist()
+            s.add_request(
+                TokenizedGenerateReq(f"{mode}-{bs}-{i}", ids, sp, lora_name=loras[i % len(loras)])
+            )
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        while len(s.running) < bs:
+            s.step()
+        torch.cuda.synchronize()
+        ttft = time.perf_counter() - t0
+        for _ in range(3):  # warm-up (graph capture, autotune)
+            s.step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.decode_steps):
+            s.step()
+        torch.cuda.synchronize()
+        tpot = (time.perf_counter() - t0) / args.decode_steps
+        for r in list(s.running):
+            s.abort_request(r.rid)
+        s.step()
+        s.kv.tree.reset()
+        ctx = args.input_len + 3 + args.decode_steps // 2
+        adapters = len({x for x in loras if x}) if any(loras) else 0
+        floor = step_floor_bytes(engine, bs, ctx, min(adapters, bs), args.rank) / bw
+        row = {
+            "mode": mode,
+            "batch_size": bs,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "tok_per_s": bs / tpot,
+            "tpot_ms": tpot * 1e3,
+            "ttft_ms": ttft * 1e3,
+            "roofline_ms": floor * 1e3,
+            **meta,
+        }
+        rows.append(row)
+        print(
+            f"{mode:14s} bs={bs:4d} tpot={tpot * 1e3:8.2f} ms  tok/s={bs / tpot:9.0f}  "
+            f"floor={floor * 1e3:6.2f} ms  ttft={ttft * 1e3:8.1f} ms",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="benchmarks/configs/qwen3-30b-a3b")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256, 512])
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--num-adapters", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--modes", nargs="+", default=["lora_disabled", "nolora_batch", "lora"])
+    ap.add_argument("--adapter-dir", default="/dev/shm/sglora-bench-adapters")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--extra", nargs="*", default=[], help="more ServerArgs as key=value")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    bw = copy_bandwidth(device)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    name = torch.cuda.get_device_name().replace("NVIDIA ", "").lower().replace(" ", "_")
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "commit": commit,
+        "tp": 1,
+        "copy_gbps": bw / 1e9,
+    }
+    extra = dict(kv.split("=", 1) for kv in args.extra)
+    max_tokens = max(args.batch_sizes) * (args.input_len + args.decode_steps + 8)
+    common = dict(
+        model_path=args.model,
+        tokenizer_path=str(tiny_model_path("qwen3_moe")),
+        load_format="dummy",
+        device="cuda",
+        max_total_tokens=max_tokens,
+        max_running_requests=max(args.batch_sizes),
+        chunked_prefill_size=8192,
+        context_length=args.input_len + args.output_len + 8,
+        cuda_graph_bs=tuple(args.batch_sizes),
+        cuda_graph_max_bs=max(args.batch_sizes),
+        **extra,
+    )
+    specs = make_adapters(args.model, Path(args.adapter_dir), args.num_adapters, args.rank)
+    rows = []
+    for mode in args.modes:
+        lora = mode != "lora_disabled"
+        engine = Engine(
+            **common,
+            **(
+                {
+                    "lora_paths": tuple(specs),
+                    "max_loras_per_batch": args.num_adapters,
+                    "max_lora_rank": args.rank,
+                }
+                if lora
+                else {}
+            ),
+        )
+        names = [f"lora{i}" for i in range(args.num_adapters)] if mode == "lora" else [None]
+        label = f"lora_{args.num_adapters}x_r{args.rank}" if mode == "lora" else mode
+        rows += run_mode(engine, label, names, args, bw, meta)
+        del engine
+        gc.collect()  # the runner and its graph runner refer to each other
+        torch.cuda.empty_cache()
+    out = Path(args.out or f"benchmarks/results/decode_{name}.json")
+    old = json.loads(out.read_text()) if out.is_file() else []
+    out.write_text(json.dumps(old + rows, indent=1))
+    print(f"wrote {len(rows)} rows to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""Fused MoE on the GPU: grouped gate_up GEMM with the gated activation in its epilogue, grouped
+down GEMM with the routing weight in its epilogue, and the top-k sum (between
+`layers/moe/experts.py` / `kernels/moe_lora.py` and the alignment of `kernels/moe_align.py`).
+
+Math, pair p = t·k + j with expert e = topk_ids[t, j], weight w_p = topk_weights[t, j], and
+with MoE-LoRA the slot a = slot[t] (-1: none) and the shrink s of moe_lora.py:
+  [g; u] = x[t] W13[e]ᵀ + [s[p, 0:R] B[a, e][0:I]ᵀ ; s[p, R:2R] B[a, e][I:2I]ᵀ]      (gate_up)
+  h[p]   = act(g) · u
+  o[p]   = w_p · (h[p] W_down[e]ᵀ + s2[p] B2[a, e]ᵀ)                                  (down)
+  y[t]   = Σ_j o[t·k + j]                                                     (top-k sum kernel)
+The LoRA term enters in the epilogue of the base tile, in one of two ways (LoRAConfig.
+expand_in_epilogue, tuned per M): the delta Δ written by moe_lora's expand kernel is added
+(large M: many slots per tile), or the expand runs here, one [BLOCK_M, R] × [R, BLOCK_N] dot
+per slot present among the tile's rows (small M: one or two slots per tile, two launches and
+the [P, 2I] / [P, H] delta round trips saved; with many slots its B loads serialise).
+
+Each program computes a BLOCK_M × BLOCK_N tile of one block of `sorted_ids` (all rows of one
+expert, padding rows masked); gate and up tiles of the same columns share the x tile, so the
+[P, 2I] pre-activation never reaches memory. Accumulation is float32.
+
+Pointer layouts (row-major, last dim contiguous):
+  x [M, H]; w13 [E, 2I, H] ([gate; up]); w2 [E, H, I]; h [P, I]; out_pairs [P, H] = [M, k, H]
+  topk_weights [P] (flattened [M, k]); slots [M] token slot (-1: none), read only with LoRA
+  s [SPLIT, P, c·R] fp32 shrink partials (summed here); B13 [S, E|1, 2I, R]; B2 [S, E|1, H, R]
+  (expert stride 0 for dim 1); Δ13 [P, 2I], Δ2 [P, H]; sorted_ids / block_group from moe_align.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from sglora.kernels.moe_align import MoEAlignment, moe_align
+from sglora.kernels.moe_common import (
+    KERNEL_DTYPES,
+    GemmConfig,
+    MoEConfig,
+    activation_id,
+    check_shape,
+    check_tensor,
+    dot_precision,
+    get_moe_config,
+)
+
+
+@triton.jit
+def _gated_act(g, u, ACT: tl.constexpr):
+    """act(g) * u in float32. ACT: 0 silu, 1 gelu (erf), 2 gelu (tanh approximation)."""
+    if ACT == 0:
+        a = g / (1.0 + tl.exp(-g))
+    elif ACT == 1:
+        a = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    else:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = 0.5 * g * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+    return a * u
+
+
+@triton.jit
+def _tile_rows(
+    sorted_ids_ptr, block_group_ptr, num_pid_m, num_pid_n,
+    GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Program -> (n tile, expert (-1: unused block), pair ids [BLOCK_M]) in grouped order, so
+    that GROUP_M consecutive blocks sweep the same weight columns together (L2 reuse)."""
+    pid = tl.program_id(0)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    e = tl.load(block_group_ptr + pid_m)
+    rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    return pid_n, e, rows
+
+
+@triton.jit
+def _lora_epilogue(
+    acc, s_ptr, b_ptr, d_ptr, rows, slot, e, offs_n, n_ok, R, SPLIT, s_col, b_row,
+    stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
+    DELTA: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """acc [BM, BN] += the LoRA delta of each row with an adapter (slot >= 0).
+
+    DELTA: read Δ[rows, b_row + offs_n] written by moe_lora's expand kernel. Else expand here:
+    s[rows, s_col : s_col+R] B[slot_row, e, b_row + offs_n, :R]ᵀ, one dot per slot present
+    among the tile's rows (rows of other slots masked), summing the SPLIT shrink partials."""
+    has = slot >= 0
+    if DELTA:
+        d_ptrs = d_ptr + rows[:, None] * stride_dm + (b_row + offs_n)[None, :]
+        acc += tl.load(d_ptrs, mask=has[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    else:
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        s_ptrs = s_ptr + rows[:, None] * stride_sm + (s_col + offs_r)[None, :]
+        sv = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for _ in range(0, SPLIT):
+            sv += tl.load(s_ptrs, mask=has[:, None] & r_ok[None, :], other=0.0)
+            s_ptrs += stride_ss
+        sv = sv.to(b_ptr.dtype.element_ty)  # rounded once, as a separate GEMM would round it
+        b_ptrs = b_ptr + e * stride_be + offs_r[:, None] + (b_row + offs_n)[None, :] * stride_bn
+        lo = tl.min(tl.where(has, slot, NUM_SLOTS), 0).to(tl.int32)  # slots of the tile's rows
+        hi = tl.max(tl.where(has, slot, -1), 0).to(tl.int32)
+        for a in range(lo, hi + 1):
+            mine = slot == a
+            if tl.max(mine.to(tl.int32), 0) > 0:
+                b = tl.load(b_ptrs + a * stride_bs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                sa = tl.where(mine[:, None], sv, tl.zeros_like(sv))
+                acc += tl.dot(sa, b, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w_ptr, h_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, sorted_ids_ptr, block_group_ptr,
+    num_pairs, top_k, I, K, num_pid_m, R, SPLIT,
+    stride_xm, stride_we, stride_wn, stride_hm,
+    stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
+    ACT: tl.constexpr, HAS_LORA: tl.constexpr, DELTA: tl.constexpr, NUM_SLOTS: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    num_pid_n = tl.cdiv(I, BLOCK_N)
+    pid_n, e, rows = _tile_rows(
+        sorted_ids_ptr, block_group_ptr, num_pid_m, num_pid_n, GROUP_M, BLOCK_M
+    )
+    if e < 0:
+        return
+    row_ok = rows < num_pairs
+    tok = (rows // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
+    g_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+    u_ptrs = g_ptrs + I * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+            bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PREC)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PREC)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    rows64 = rows.to(tl.int64)
+    if HAS_LORA:
+        slot = tl.load(slots_ptr + tok, mask=row_ok, other=-1)
+        e_b = e.to(tl.int64)
+        acc_g = _lora_epilogue(
+            acc_g, s_ptr, b_ptr, d_ptr, rows64, slot, e_b, offs_n, n_ok, R, SPLIT, 0, 0,
+            stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
+            DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R, DOT_PREC,
+        )  # fmt: skip
+        acc_u = _lora_epilogue(
+            acc_u, s_ptr, b_ptr, d_ptr, rows64, slot, e_b, offs_n, n_ok, R, SPLIT, R, I,
+            stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
+            DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R, DOT_PREC,
+        )  # fmt: skip
+    h = _gated_act(acc_g, acc_u, ACT)
+    h_ptrs = h_ptr + rows64[:, None] * stride_hm + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, w_ptr, out_ptr, tw_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, sorted_ids_ptr,
+    block_group_ptr, num_pairs, top_k, N, K, num_pid_m, R, SPLIT,
+    stride_hm, stride_we, stride_wn, stride_om,
+    stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
+    HAS_LORA: tl.constexpr, DELTA: tl.constexpr, NUM_SLOTS: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_n, e, rows = _tile_rows(
+        sorted_ids_ptr, block_group_ptr, num_pid_m, num_pid_n, GROUP_M, BLOCK_M
+    )
+    if e < 0:
+        return
+    row_ok = rows < num_pairs
+    rows64 = rows.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows64[:, None] * stride_hm + offs_k[None, :]
+    b_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if HAS_LORA:
+        slot = tl.load(slots_ptr + rows64 // top_k, mask=row_ok, other=-1)
+        acc = _lora_epilogue(
+            acc, s_ptr, b_ptr, d_ptr, rows64, slot, e.to(tl.int64), offs_n, n_ok, R, SPLIT,
+            0, 0, stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
+            DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R, DOT_PREC,
+        )  # fmt: skip
+    w = tl.load(tw_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
+    acc = acc * w[:, None]
+    o_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+class LoRAExpand(NamedTuple):
+    """What the base kernels need to add an expert-LoRA delta in their epilogue: either the
+    delta itself (`delta`, from moe_lora's expand kernel), or the shrink and B to expand."""
+
+    s: torch.Tensor | None  # [SPLIT, P, c·R] fp32 shrink partials (rows with an adapter)
+    B: torch.Tensor  # [S, E|1, c·N, R] pool buffer
+    token_slots: torch.Tensor  # [M] int, -1: no adapter
+    delta: torch.Tensor | None = None  # [P, c·N] in the activation dtype
+
+
+def _lora_args(lora: LoRAExpand | None, dummy: torch.Tensor) -> tuple[list, list, dict]:
+    """(pointers, ints, strides) and constexprs of the LoRA epilogue; dummies when absent."""
+    if lora is None:
+        return [dummy] * 4, [0, 1], [0] * 6, dict(HAS_LORA=False, DELTA=False, NUM_SLOTS=1,
+                                                  BLOCK_R=16)  # fmt: skip
+    b, d = lora.B, lora.delta
+    s = lora.s if lora.s is not None else d
+    r = b.shape[-1]
+    be = b.stride(1) if b.shape[1] > 1 else 0  # shared across experts: expert stride 0
+    split = s.shape[0] if d is None else 1
+    strides = [s.stride(0), s.stride(1) if s.dim() == 3 else 0, b.stride(0), be, b.stride(2),
+               d.stride(0) if d is not None else 0]  # fmt: skip
+    kw = dict(HAS_LORA=True, DELTA=d is not None, NUM_SLOTS=b.shape[0],
+              BLOCK_R=max(16, triton.next_power_of_2(r)))  # fmt: skip
+    return [s, b, d if d is not None else s, lora.token_slots], [r, split], strides, kw
+
+
+def _check_moe_inputs(x, w13, w2, topk_weights, topk_ids) -> None:
+    check_tensor("x", x, 2, KERNEL_DTYPES)
+    check_tensor("w13", w13, 3, (x.dtype,), x.device)
+    check_tensor("w2", w2, 3, (x.dtype,), x.device)
+    e, two_i, h = w13.shape
+    if two_i % 2:
+        raise ValueError(f"w13: dim 1 must be 2·I (gate; up), got {two_i}")
+    check_shape("x", x, (None, h))
+    check_shape("w2", w2, (e, h, two_i // 2))
+    check_tensor("topk_ids", topk_ids, 2, (torch.int32, torch.int64), x.device)
+    check_shape("topk_ids", topk_ids, (x.shape[0], None))
+    check_tensor("topk_weights", topk_weights, 2, KERNEL_DTYPES, x.device)
+    check_shape("topk_weights", topk_weights, tuple(topk_ids.shape))
+    if not (w13.is_contiguous() and w2.is_contiguous()):
+        raise ValueError("w13 and w2 must be contiguous")
+    if not (topk_ids.is_contiguous() and topk_weights.is_contiguous()):
+        raise ValueError("topk_ids and topk_weights must be contiguous")
+
+
+def _check_lora(what: str, lora: LoRAExpand | None, p: int, subs: int, out: int, e: int, x):
+    if lora is None:
+        return
+    check_tensor(f"{what}.B", lora.B, 4, (x.dtype,), x.device)
+    if not lora.B.is_contiguous():
+        raise ValueError(f"{what}.B must be contiguous")
+    if lora.B.shape[1] not in (1, e):
+        raise ValueError(f"{what}.B: expert dim must be 1 or {e}, got {lora.B.shape[1]}")
+    check_shape(f"{what}.B", lora.B, (None, None, subs * out, None))
+    if lora.delta is not None:
+        check_tensor(f"{what}.delta", lora.delta, 2, (x.dtype,), x.device)
+        check_shape(f"{what}.delta", lora.delta, (p, subs * out))
+    elif lora.s is not None:
+        check_tensor(f"{what}.s", lora.s, 3, (torch.float32,), x.device)
+        check_shape(f"{what}.s", lora.s, (None, p, subs * lora.B.shape[-1]))
+    else:
+        raise ValueError(f"{what}: LoRAExpand needs the shrink s or the delta")
+    check_tensor(f"{what}.token_slots", lora.token_slots, 1, (torch.int32, torch.int64), x.device)
+
+
+def moe_gate_up(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    align: MoEAlignment,
+    top_k: int,
+    cfg: GemmConfig,
+    activation: str = "silu",
+    lora: LoRAExpand | None = None,
+) -> torch.Tensor:
+    """h [M·k, I] = act(gate) · up of every pair, with the LoRA expand of `lora` if given."""
+    p, inter, hidden = align.num_pairs, w13.shape[1] // 2, w13.shape[2]
+    _check_lora("gate_up", lora, p, 2, inter, w13.shape[0], x)
+    h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
+    num_pid_m = align.block_group.shape[0]
+    grid = (num_pid_m * triton.cdiv(inter, cfg.block_n),)
+    ptrs, ints, strides, lkw = _lora_args(lora, align.sorted_ids)
+    _gate_up_kernel[grid](
+        x, w13, h, *ptrs, align.sorted_ids, align.block_group,
+        p, top_k, inter, hidden, num_pid_m, *ints,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), *strides,
+        ACT=activation_id(activation), DOT_PREC=dot_precision(x.dtype), BLOCK_M=align.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EVEN_K=hidden % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **lkw,
+    )  # fmt: skip
+    return h
+
+
+def moe_down(
+    h: torch.Tensor,
+    w2: torch.Tensor,
+    align: MoEAlignment,
+    topk_weights: torch.Tensor,
+    cfg: GemmConfig,
+    lora: LoRAExpand | None = None,
+) -> torch.Tensor:
+    """out_pairs [M, k, H] = w_p · (h W_down[e]ᵀ + LoRA delta) of every pair."""
+    p, hidden, inter = align.num_pairs, w2.shape[1], w2.shape[2]
+    m, k = topk_weights.shape
+    _check_lora("down", lora, p, 1, hidden, w2.shape[0], h)
+    if not topk_weights.is_contiguous():
+        raise ValueError("topk_weights must be contiguous")
+    out = torch.empty(m, k, hidden, dtype=h.dtype, device=h.device)
+    num_pid_m = align.block_group.shape[0]
+    grid = (num_pid_m * triton.cdiv(hidden, cfg.block_n),)
+    ptrs, ints, strides, lkw = _lora_args(lora, align.sorted_ids)
+    _down_kernel[grid](
+        h, w2, out, topk_weights, *ptrs, align.sorted_ids, align.block_group,
+        p, k, hidden, inter, num_pid_m, *ints,
+        h.stride(0), w2.stride(0), w2.stride(1), hidden, *strides,
+        DOT_PREC=dot_precision(h.dtype), BLOCK_M=align.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, EVEN_K=inter % cfg.block_k == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **lkw,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _topk_sum_kernel(in_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t, :] = Σ_j in[t, j, :] in float32: one program per (token, BLOCK_H columns)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = offs < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(in_ptr + (t * TOP_K + j) * H + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def moe_sum(out_pairs: torch.Tensor) -> torch.Tensor:
+    """[M, k, H] -> [M, H]: the top-k reduction, one pass, no atomics."""
+    m, k, hidden = out_pairs.shape
+    if k == 1:
+        return out_pairs[:, 0]
+    out = torch.empty(m, hidden, dtype=out_pairs.dtype, device=out_pairs.device)
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    if m:
+        _topk_sum_kernel[(m, triton.cdiv(hidden, block_h))](
+            out_pairs, out, hidden, TOP_K=k, BLOCK_H=block_h, num_warps=4
+        )
+    return out
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+    config: MoEConfig | None = None,
+) -> torch.Tensor:
+    """Σ_j w_j · down_e(act(gate_e x) · up_e x) for x [M, H], topk [M, k] -> [M, H].
+
+    w13 [E, 2I, H], w2 [E, H, I], all in x's dtype (fp32, fp16 or bf16), on x's device."""
+    _check_moe_inputs(x, w13, w2, topk_weights, topk_ids)
+    m, k = topk_ids.shape
+    e, hidden, inter = w2.shape
+    if m == 0:
+        return torch.zeros_like(x)
+    cfg = config or get_moe_config(m, e, hidden, inter, k, x.dtype)
+    align = moe_align(topk_ids, e, cfg.block_m)
+    h = moe_gate_up(x, w13, align, k, cfg.gate_up, activation)
+    return moe_sum(moe_down(h, w2, align, topk_weights, cfg.down))

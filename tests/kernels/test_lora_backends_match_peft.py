@@ -1,0 +1,29 @@
+"""The LoRA-vs-PEFT model check (tests/lora/test_lora_matches_peft.py) with each kernel backend
+forced on for the dense LoRA layers (attention, dense MLP, shared expert, embedding, lm_head):
+interpreted on CPU, compiled in float32 on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tests.lora.test_lora_matches_peft as peft_check
+from sglora.engine import Engine
+
+
+@pytest.mark.parametrize(
+    "backend, family", [("triton", "llama"), ("csgmv", "llama"), ("csgmv", "qwen3_moe")]
+)
+def test_lora_backend_matches_peft(backend, family, monkeypatch):
+    forced = {
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "dtype": "float32",
+        "lora_backend": backend,
+        "max_total_tokens": 4096,  # not a GPU-memory fraction: test workers share the GPU
+        "max_lora_chunk_size": 64,  # fewer, larger interpreted programs; 16/32 in kernel tests
+        # only the dense LoRA kernels under test; attention and expert LoRA have their own tests
+        "attention_backend": "torch_native",
+        "lora_moe_backend": "torch_native",
+    }
+    monkeypatch.setattr(peft_check, "Engine", lambda **kw: Engine(**{**kw, **forced}))
+    peft_check.test_mixed_adapter_batch_matches_peft(family)

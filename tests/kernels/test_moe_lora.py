@@ -1,0 +1,126 @@
+"""MoE-LoRA kernels (virtual-expert and per-slot "fused" groupings) equal their float64 twin on
+ragged batches: M = 1, M off the block size, ranks 1-64 mixed (zero-padded in the pool), an
+empty slot, tokens without an adapter, duplicated top-k experts, shared-outer buffers (expert
+dim 1), one-sided adapters, split-K and whole-K shrink, the expand in its own kernel or in the
+base kernels' epilogue. fp32/fp16 interpreted on CPU; bf16 too on CUDA.
+
+Tolerances (max |kernel - reference| <= atol + rtol·|reference|, outputs of size ~1):
+fp32 1e-4, fp16 1e-2, bf16 3e-2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglora.kernels.moe_common import GemmConfig, LoRAConfig, MoEConfig
+from sglora.kernels.moe_lora import ExpertLoRA, moe_lora_forward
+from sglora.kernels.reference import fused_moe_ref
+from tests.kernels.test_fused_moe import DEVICE, DTYPES, close, moe_inputs
+
+R = 64  # pool rank
+RANKS = [64, 1, 16, 0]  # per slot; slot 3 holds no adapter (all zero)
+LORA_CONFIGS = {
+    # split-K shrink, expand kernel writing the delta
+    "split": LoRAConfig(16, 3, 16, False, 32, 4, 1),
+    # whole-K shrink with larger blocks, expand in the base kernels' epilogue
+    "whole": LoRAConfig(32, 1, 32, True, 32, 4, 1),
+    # split-K shrink, expand in the epilogue
+    "split_epilogue": LoRAConfig(16, 2, 16, True, 16, 4, 1),
+}
+
+
+def config(lora: str) -> MoEConfig:
+    gemm = GemmConfig(32, 32, 2, 4, 1)
+    return MoEConfig(16, gemm, GemmConfig(16, 16, 1, 4, 1), LORA_CONFIGS[lora])
+
+
+def expert_lora(subs, in_dim, out_sub, e_a, e_b, dtype, seed):
+    """Pool-layout A [S, E|1, c·R, in], B [S, E|1, c·N, R]; slot s has rank RANKS[s]."""
+    g = torch.Generator().manual_seed(seed)
+    s = len(RANKS)
+    A = torch.zeros(s, e_a, subs * R, in_dim)
+    B = torch.zeros(s, e_b, subs * out_sub, R)
+    for slot, r in enumerate(RANKS):
+        for i in range(subs):
+            A[slot, :, i * R : i * R + r] = torch.randn(e_a, r, in_dim, generator=g) / in_dim**0.5
+            B[slot, :, i * out_sub : (i + 1) * out_sub, :r] = (
+                torch.randn(e_b, out_sub, r, generator=g) / max(r, 1) ** 0.5
+            )
+    return ExpertLoRA(A.to(DEVICE, dtype), B.to(DEVICE, dtype))
+
+
+def token_slots(m: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    slots = torch.randint(-1, len(RANKS), (m,), generator=g)
+    slots[0] = 0  # at least one adapter of the largest rank
+    return slots.to(DEVICE)
+
+
+def run_case(
+    m, h, i, e, k, dtype, virtual, lora="split", shared_outer=False, sides="both", dup=False
+):
+    x, w13, w2, tw, ti = moe_inputs(m, h, i, e, k, dtype, seed=m + e, duplicates=dup)
+    slots = token_slots(m, seed=m)
+    gate_up = expert_lora(2, h, i, 1 if shared_outer else e, e, dtype, seed=1)
+    down = expert_lora(1, i, h, e, 1 if shared_outer else e, dtype, seed=2)
+    gate_up = gate_up if sides in ("both", "gate_up") else None
+    down = down if sides in ("both", "down") else None
+    out = moe_lora_forward(
+        x, w13, w2, tw, ti, slots, gate_up, down, virtual=virtual, config=config(lora)
+    )
+    ref = fused_moe_ref(x, w13, w2, tw, ti, "silu", slots, gate_up, down)
+    assert out.shape == (m, h) and out.dtype == dtype
+    close(out, ref, dtype)
+    base = fused_moe_ref(x, w13, w2, tw, ti)
+    assert (ref - base).abs().max() > 0.05, "the adapters must change the output"
+
+
+SHAPES = [(1, 64, 32, 4, 2), (13, 48, 40, 8, 3), (40, 32, 32, 6, 2)]  # (M, H, I, E, k)
+
+
+@pytest.mark.parametrize("virtual", [True, False], ids=["virtual_experts", "fused"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_moe_lora_matches_reference(shape, dtype, virtual):
+    run_case(*shape, dtype, virtual, lora="split" if shape[0] % 2 else "split_epilogue")
+
+
+@pytest.mark.parametrize("virtual", [True, False], ids=["virtual_experts", "fused"])
+@pytest.mark.parametrize(
+    "lora,shared_outer,sides,dup",
+    [
+        ("whole", False, "both", False),
+        ("split", True, "both", False),
+        ("whole", True, "both", True),
+        ("split", False, "gate_up", True),
+        ("whole", False, "down", False),
+    ],
+)
+def test_moe_lora_variants(virtual, lora, shared_outer, sides, dup):
+    run_case(11, 32, 32, 4, 2, DTYPES[-1], virtual, lora, shared_outer, sides, dup)
+
+
+def test_moe_lora_no_adapter_tokens_equal_base():
+    """A batch whose tokens all lack an adapter computes exactly the base layer."""
+    x, w13, w2, tw, ti = moe_inputs(5, 32, 16, 4, 2, torch.float32, seed=9)
+    slots = torch.full((5,), -1, dtype=torch.int64, device=DEVICE)
+    gu = expert_lora(2, 32, 16, 4, 4, torch.float32, seed=1)
+    out = moe_lora_forward(x, w13, w2, tw, ti, slots, gu, None, config=config("split"))
+    close(out, fused_moe_ref(x, w13, w2, tw, ti), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        (lambda gu: ExpertLoRA(gu.A[:, :, :-1].contiguous(), gu.B), "gate_up.A: dim 2 must be"),
+        (lambda gu: ExpertLoRA(gu.A[:, :3].contiguous(), gu.B), "expert dims"),
+        (lambda gu: ExpertLoRA(gu.A.half(), gu.B), "gate_up.A: dtype"),
+        (lambda gu: ExpertLoRA(gu.A, gu.B[..., :8].contiguous()), "gate_up.B: expected shape"),
+        (lambda gu: ExpertLoRA(gu.A, gu.B.transpose(2, 3)), "contiguous"),
+    ],
+)
+def test_moe_lora_rejects_bad_buffers(bad, msg):
+    x, w13, w2, tw, ti = moe_inputs(4, 32, 16, 4, 2, torch.float32)
+    gu = expert_lora(2, 32, 16, 4, 4, torch.float32, seed=1)
+    with pytest.raises(ValueError, match=msg):
+        moe_lora_forward(x, w13, w2, tw, ti, token_slots(4, 0), bad(gu), None)
