@@ -26,6 +26,7 @@ def engine(dtype: str, graphs: bool, **kw) -> Engine:
         lora_paths=tuple(f"{k}={p}" for k, p in paths.items()),
         disable_cuda_graph=not graphs,
         cuda_graph_bs=(1, 2, 4, 8, 16),
+        max_total_tokens=8192,  # the default takes the whole GPU: two engines must fit
         **kw,
     )
 
