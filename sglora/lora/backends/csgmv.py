@@ -62,7 +62,10 @@ def build_segments(
     buf[T : T + nc + 1] = n
     buf[T : T + starts.shape[0]] = starts
     buf[T + nc + 1 : T + nc + 1 + starts.shape[0]] = ss[starts]
-    dev = torch.from_numpy(buf).to(token_slots.device)
+    host = torch.from_numpy(buf)
+    if token_slots.device.type == "cuda":  # pinned: the copy does not wait for the GPU
+        host = host.pin_memory()
+    dev = host.to(token_slots.device, non_blocking=True)
     return CSGMVSegments(
         token_slots, dev[:T], dev[T : T + nc + 1], dev[T + nc + 1 :], chunk, int(n)
     )
