@@ -155,6 +155,8 @@ class SchedulerReady:
     eos_token_ids: list[int]
     device: str
     dtype: str
+    lora_enabled: bool = False
+    lora_adapters: dict[str, str] = field(default_factory=dict)  # name -> path, at start-up
 
 
 @dataclass
@@ -187,9 +189,23 @@ class FlushCacheResp:
 
 @dataclass
 class GetStatsReq:
-    """api server -> scheduler: report load and KV usage, and check the KV pool's integrity."""
+    """api server -> scheduler: report load and KV usage, and check the KV pool's integrity
+    (and the LoRA slot pool's when `check_lora`: it reads every empty slot, so /metrics skips
+    it)."""
 
     req_id: str
+    check_lora: bool = False
+
+
+@dataclass
+class LoRAStats:
+    """The LoRA slot pool as the scheduler sees it (part of SchedulerStats)."""
+
+    slots: list[str | None]  # adapter in each device slot, None: free
+    pinned: list[str]
+    loaded: dict[str, str]  # name -> path, adapters that new requests may use
+    pending_unloads: list[str]  # refused to new requests, waiting for their last request
+    integrity_error: str | None  # None: check_integrity() passed (or was not asked for)
 
 
 @dataclass
@@ -202,6 +218,39 @@ class SchedulerStats:
     kv_capacity: int
     num_retractions: int
     integrity_error: str | None  # None: check_integrity() passed
+    lora: LoRAStats | None = None  # None: started without --enable-lora
+
+
+@dataclass
+class LoadLoRAReq:
+    """api server -> scheduler: read, check and register an adapter (pinned: give it a slot
+    for good). Answered with LoRAUpdateResp."""
+
+    req_id: str
+    lora_name: str
+    lora_path: str
+    pinned: bool = False
+
+
+@dataclass
+class UnloadLoRAReq:
+    """api server -> scheduler: refuse new requests for the adapter now, and remove it once
+    its last request finishes. Answered with LoRAUpdateResp only then."""
+
+    req_id: str
+    lora_name: str
+
+
+@dataclass
+class LoRAUpdateResp:
+    """scheduler -> api server: the outcome of a LoadLoRAReq or UnloadLoRAReq."""
+
+    req_id: str
+    success: bool
+    error_message: str | None
+    # "lora_disabled" | "invalid_lora_adapter" | "lora_name_in_use" | "lora_not_found"
+    error_code: str | None
+    loaded_adapters: dict[str, str]  # name -> path, after this update (pending unloads left out)
 
 
 @dataclass

@@ -4,6 +4,9 @@
 Loop: drain incoming messages (without blocking while there is work, with a poll timeout when
 idle), run one `Scheduler.step()`, send its outputs as one `BatchReqOutput`. Any exception is
 logged with its traceback and ends the process with status 1; the launcher watches for that.
+
+Adapter loads are answered at once; an unload is answered only once the adapter is gone, i.e.
+after the step whose `_finish_unloads()` removed it (its last request finished).
 """
 
 from __future__ import annotations
@@ -21,18 +24,23 @@ import zmq
 
 from sglora.config import ConfigError, ServerArgs
 from sglora.engine import load_tokenizer
+from sglora.lora.adapter import AdapterError
 from sglora.messages import (
     AbortReq,
     BatchReqOutput,
     FlushCacheReq,
     FlushCacheResp,
     GetStatsReq,
+    LoadLoRAReq,
+    LoRAStats,
+    LoRAUpdateResp,
     PortArgs,
     SchedulerInitError,
     SchedulerReady,
     SchedulerStats,
     ShutdownReq,
     TokenizedGenerateReq,
+    UnloadLoRAReq,
 )
 from sglora.model_executor.model_config import ModelConfig
 from sglora.model_executor.model_runner import ModelRunner, resolve_device
@@ -96,6 +104,7 @@ class SchedulerLoop:
         self.poller = zmq.Poller()
         self.poller.register(self.recv_sock, zmq.POLLIN)
         self.parent = multiprocessing.parent_process()
+        self.unload_waiters: dict[str, list[str]] = {}  # adapter -> req_ids of UnloadLoRAReqs
 
     def ready_message(self) -> SchedulerReady:
         cfg = self.model_config
@@ -109,6 +118,8 @@ class SchedulerLoop:
             eos_token_ids=list(cfg.eos_token_ids),
             device=str(self.runner.device),
             dtype=str(cfg.dtype).removeprefix("torch."),
+            lora_enabled=self.scheduler.lora is not None,
+            lora_adapters=self.loaded_adapters(),
         )
 
     def run(self) -> None:
@@ -134,6 +145,8 @@ class SchedulerLoop:
                 outputs = self.scheduler.step()
                 if outputs:
                     self.send_sock.send_pyobj(BatchReqOutput(outputs))
+            if self.unload_waiters:
+                self.answer_unloads()
 
     def handle(self, msg: Any) -> None:
         if isinstance(msg, TokenizedGenerateReq):
@@ -143,7 +156,11 @@ class SchedulerLoop:
         elif isinstance(msg, FlushCacheReq):
             self.send_sock.send_pyobj(self.flush_cache(msg.req_id))
         elif isinstance(msg, GetStatsReq):
-            self.send_sock.send_pyobj(self.stats(msg.req_id))
+            self.send_sock.send_pyobj(self.stats(msg.req_id, msg.check_lora))
+        elif isinstance(msg, LoadLoRAReq):
+            self.send_sock.send_pyobj(self.load_lora(msg))
+        elif isinstance(msg, UnloadLoRAReq):
+            self.unload_lora(msg)
         else:
             raise TypeError(f"unexpected message {type(msg).__name__}")
 
@@ -157,7 +174,87 @@ class SchedulerLoop:
         s.kv.tree.reset()
         return FlushCacheResp(req_id, True, "cache flushed")
 
-    def stats(self, req_id: str) -> SchedulerStats:
+    # ---- adapters --------------------------------------------------------------------------
+
+    def loaded_adapters(self) -> dict[str, str]:
+        """Adapters new requests may use: name -> path (pending unloads left out)."""
+        lora = self.scheduler.lora
+        if lora is None:
+            return {}
+        pending = set(self.scheduler.pending_unloads)
+        return {n: p for n, p in lora.loaded_adapters().items() if n not in pending}
+
+    def lora_resp(
+        self, req_id: str, error: str | None = None, code: str | None = None
+    ) -> LoRAUpdateResp:
+        return LoRAUpdateResp(req_id, error is None, error, code, self.loaded_adapters())
+
+    def load_lora(self, msg: LoadLoRAReq) -> LoRAUpdateResp:
+        lora = self.scheduler.lora
+        if lora is None:
+            return self.lora_resp(
+                msg.req_id, "this server was started without --enable-lora", "lora_disabled"
+            )
+        if msg.lora_name in lora.registry.refs:
+            why = "is being unloaded" if msg.lora_name in self.scheduler.pending_unloads else ""
+            return self.lora_resp(
+                msg.req_id,
+                f"an adapter named {msg.lora_name!r} {why or 'is already loaded'}",
+                "lora_name_in_use",
+            )
+        try:
+            self.scheduler.load_adapter(msg.lora_name, msg.lora_path, msg.pinned)
+        except AdapterError as e:  # nothing changed
+            return self.lora_resp(msg.req_id, str(e), "invalid_lora_adapter")
+        except Exception as e:  # noqa: BLE001 - a file the reader did not foresee must not end
+            # the server (e.g. a config that is not UTF-8); undo whatever got registered
+            logger.exception("loading LoRA adapter %r failed", msg.lora_name)
+            if msg.lora_name in lora.registry.refs:
+                lora.unload_adapter(msg.lora_name)
+            return self.lora_resp(
+                msg.req_id,
+                f"{msg.lora_path}: cannot read the adapter ({type(e).__name__}: {e})",
+                "invalid_lora_adapter",
+            )
+        logger.info("loaded LoRA adapter %r from %s", msg.lora_name, msg.lora_path)
+        return self.lora_resp(msg.req_id)
+
+    def unload_lora(self, msg: UnloadLoRAReq) -> None:
+        try:
+            self.scheduler.request_unload(msg.lora_name)
+        except ValueError as e:
+            self.send_sock.send_pyobj(self.lora_resp(msg.req_id, str(e), "lora_not_found"))
+            return
+        self.unload_waiters.setdefault(msg.lora_name, []).append(msg.req_id)
+        self.answer_unloads()  # it may have had no request left
+
+    def answer_unloads(self) -> None:
+        for name in [n for n in self.unload_waiters if n not in self.scheduler.pending_unloads]:
+            logger.info("unloaded LoRA adapter %r", name)
+            for req_id in self.unload_waiters.pop(name):
+                self.send_sock.send_pyobj(self.lora_resp(req_id))
+
+    def lora_stats(self, check: bool) -> LoRAStats | None:
+        lora = self.scheduler.lora
+        if lora is None:
+            return None
+        error = None
+        if check:
+            try:
+                lora.check_integrity()
+            except AssertionError as e:
+                error = str(e) or "check_integrity failed"
+        return LoRAStats(
+            slots=list(lora.pool.slot_names),
+            pinned=sorted(lora.pinned),
+            loaded=self.loaded_adapters(),
+            pending_unloads=list(self.scheduler.pending_unloads),
+            integrity_error=error,
+        )
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def stats(self, req_id: str, check_lora: bool = False) -> SchedulerStats:
         s = self.scheduler
         try:
             s.check_integrity()
@@ -174,6 +271,7 @@ class SchedulerLoop:
             kv_capacity=alloc.size,
             num_retractions=s.num_retractions,
             integrity_error=error,
+            lora=self.lora_stats(check_lora),
         )
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from sglora.config import ServerArgs
+from sglora.lora.adapter import AdapterError
 from sglora.messages import ReqOutput, TokenizedGenerateReq
 from sglora.model_executor.forward_batch import ForwardMode
 from sglora.model_executor.model_runner import ModelRunner
@@ -114,6 +115,13 @@ class Scheduler:
         """Raises AdapterError (nothing changed) when the adapter cannot be served."""
         if self.lora is None:
             raise ValueError("this server was started without --enable-lora")
+        busy = self._adapters_in_use([])
+        if pinned and not self.lora.fits_batch(busy | {name}):
+            # the running batch keeps its adapters' slots: a new pin must not take one of them
+            raise AdapterError(
+                f"cannot pin {name!r} now: running requests use the adapters {sorted(busy)}, "
+                f"and with the pinned ones they leave no slot free; retry when fewer run"
+            )
         self.lora.load_adapter(name, path, pinned)
 
     def request_unload(self, name: str) -> None:

@@ -3,7 +3,8 @@ model and server info, cache flush, Prometheus metrics, version.
 
 /get_server_info reports the scheduler's load and KV usage and the verdict of its
 `check_integrity()`, so a test can check through the server that everything was freed:
-once idle and after /flush_cache, `kv_used_tokens` is 0.
+once idle and after /flush_cache, `kv_used_tokens` is 0. Its `lora` part shows the adapter
+slots (which adapter each holds, the pinned ones) and the slot pool's own integrity check.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from sglora.messages import LoRAStats
 from sglora.server.errors import APIError, error_body
 from sglora.server.tokenizer_manager import TokenizerManager
 
@@ -75,7 +77,7 @@ async def get_model_info(request: Request) -> dict[str, Any]:
 @router.get("/get_server_info")
 async def get_server_info(request: Request) -> dict[str, Any]:
     tm: TokenizerManager = request.app.state.tm
-    stats = await tm.get_stats()
+    stats = await tm.get_stats(check_lora=True)
     return {
         **dataclasses.asdict(tm.args),
         "version": _version(),
@@ -91,6 +93,21 @@ async def get_server_info(request: Request) -> dict[str, Any]:
         "num_retractions": stats.num_retractions,
         "kv_integrity": stats.integrity_error or "ok",
         "open_requests": len(tm.states),
+        "lora": _lora_info(stats.lora),
+    }
+
+
+def _lora_info(lora: LoRAStats | None) -> dict[str, Any] | None:
+    if lora is None:
+        return None
+    return {
+        "slots": lora.slots,
+        "resident": {name: slot for slot, name in enumerate(lora.slots) if name is not None},
+        "pinned": lora.pinned,
+        "loaded": lora.loaded,
+        "pending_unloads": lora.pending_unloads,
+        "integrity_ok": lora.integrity_error is None,
+        "integrity_error": lora.integrity_error,
     }
 
 

@@ -1,5 +1,5 @@
 """The FastAPI app (between uvicorn, started by launch.py, and the route modules): mounts the
-OpenAI, native and admin routes and maps every failure to an OpenAI error body.
+OpenAI, native, admin and LoRA routes and maps every failure to an OpenAI error body.
 
 Invalid JSON is a 400, a body that does not match the schema a 422, an unknown route a 404,
 a wrong method a 405; route handlers raise `APIError` for the rest. Anything else is a bug:
@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sglora.server import admin_api, native_api, openai_api, openai_chat
+from sglora.server import admin_api, lora_api, native_api, openai_api, openai_chat
 from sglora.server.errors import APIError, error_body
 from sglora.server.tokenizer_manager import TokenizerManager
 
@@ -27,7 +27,7 @@ def create_app(tm: TokenizerManager) -> FastAPI:
     app = FastAPI(title="sglora", docs_url="/docs", redoc_url=None)
     app.state.tm = tm
     app.state.draining = False  # set by the launcher on SIGTERM: /health answers 503
-    for module in (openai_api, openai_chat, native_api, admin_api):
+    for module in (openai_api, openai_chat, native_api, admin_api, lora_api):
         app.include_router(module.router)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

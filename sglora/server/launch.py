@@ -34,22 +34,16 @@ from sglora.scheduler.process import run_scheduler_process
 from sglora.server.api_server import create_app
 from sglora.server.metrics import Metrics
 from sglora.server.tokenizer_manager import TokenizerManager
+from sglora.testing.demo import apply_demo
 
 logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 30  # in-flight requests get this long after SIGTERM before they are aborted
 CHILD_EXIT_TIMEOUT_S = 10
-DEMO_MODEL_NAME = "sglora-demo"
 
 
 def launch(args: ServerArgs) -> int:
-    if args.demo and args.model_path is None:
-        from sglora.testing.tiny import demo_model_path
-
-        args = args.replace(
-            model_path=str(demo_model_path()),
-            served_model_name=args.served_model_name or DEMO_MODEL_NAME,
-        )
+    args = apply_demo(args)  # --demo: the tiny MoE model and its adapters (built on first use)
     if threading.current_thread() is threading.main_thread():
         # Until uvicorn takes over the signals, SIGTERM interrupts start-up like Ctrl-C does,
         # so the `finally` below still stops the child.
@@ -207,7 +201,9 @@ class _Supervisor:
                 logger.error("warm-up generation failed: %s", self.tm.dead or "timeout")
                 return 1
             self.tasks.append(
-                asyncio.create_task(_announce(self.server, self.args, self.tm.model_name))
+                asyncio.create_task(
+                    _announce(self.server, self.args, self.tm.model_name, list(self.tm.lora.loaded))
+                )
             )
             await self.server.serve(sockets=[sock])
         finally:
@@ -245,7 +241,7 @@ class _Supervisor:
             self.tm.abort_all()
 
 
-async def _announce(server: uvicorn.Server, args: ServerArgs, model: str) -> None:
+async def _announce(server: uvicorn.Server, args: ServerArgs, model: str, names: list[str]) -> None:
     while not server.started:
         await asyncio.sleep(0.05)
     url = f"http://{args.host}:{args.port}"
@@ -255,6 +251,8 @@ async def _announce(server: uvicorn.Server, args: ServerArgs, model: str) -> Non
             f"\nsglora is ready at {url}. Try:\n\n"
             f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
             f'  -d \'{{"model": "{model}", "messages": [{{"role": "user", '
-            f'"content": "Tell me about the weather."}}], "max_tokens": 32}}\'\n',
+            f'"content": "Tell me about the weather."}}], "max_tokens": 32}}\'\n\n'
+            f'and the same with a LoRA adapter: "model": one of {", ".join(names)} '
+            f"(list them: curl {url}/v1/models)\n",
             flush=True,
         )

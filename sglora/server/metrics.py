@@ -1,9 +1,9 @@
 """Prometheus metrics of one api server (fed by the tokenizer manager, scraped at /metrics).
 
 Each app gets its own CollectorRegistry, so two servers in one process (tests) do not share
-counters. Every series carries a `model` label: the served model name today, the adapter name
-once requests can choose one. Token counters count what was served: the prompt of a request
-that got past prefill, and every generated token.
+counters. Every series carries a `model` label: the served model name for base requests and
+scheduler gauges, the adapter's name for a request that used one. Token counters count what was
+served: the prompt of a request that got past prefill, and every generated token.
 """
 
 from __future__ import annotations
@@ -78,6 +78,15 @@ class Metrics:
         self.kv_cached = Gauge(
             PREFIX + "kv_cached_tokens", "KV slots held by the prefix cache.", m, registry=r
         )
+        self.lora_loaded = Gauge(
+            PREFIX + "lora_loaded_adapters", "LoRA adapters requests may use.", m, registry=r
+        )
+        self.lora_resident = Gauge(
+            PREFIX + "lora_resident_adapters",
+            "LoRA adapters in a device slot (of --max-loras-per-batch).",
+            m,
+            registry=r,
+        )
 
     def on_first_token(self, model: str, ttft: float) -> None:
         self.ttft.labels(model).observe(ttft)
@@ -108,6 +117,9 @@ class Metrics:
         self.kv_used.labels(model).set(stats.kv_used_tokens)
         self.kv_cached.labels(model).set(stats.kv_cached_tokens)
         self.kv_usage.labels(model).set(stats.kv_used_tokens / max(stats.kv_capacity, 1))
+        if stats.lora is not None:
+            self.lora_loaded.labels(model).set(len(stats.lora.loaded))
+            self.lora_resident.labels(model).set(sum(n is not None for n in stats.lora.slots))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,8 +1,9 @@
 """SGLang-native /generate and /abort_request (between HTTP clients and the tokenizer manager).
 
 /generate answers in the offline Engine's shape: {"text", "output_ids", "meta_info"} with
-logprobs as [logprob, token_id, text|null]; a list input gets a list. Streams send the
-cumulative result after each step (SGLang's default), then [DONE].
+logprobs as [logprob, token_id, text|null]; a list input gets a list. `lora_path` names the
+adapter (one for all prompts, or a list aligned with them). Streams send the cumulative result
+after each step (SGLang's default), then [DONE].
 """
 
 from __future__ import annotations
@@ -66,19 +67,19 @@ def _plan(tm: TokenizerManager, body: GenerateRequest) -> tuple[list[TokenizedGe
     tm.check_alive()  # before a stream starts, while a 503 can still be the status
     if (body.text is None) == (body.input_ids is None):
         raise bad_value("pass exactly one of text and input_ids", "text")
-    if body.text is not None:
-        single = isinstance(body.text, str)
-        texts = [body.text] if single else body.text
-        if not texts:
-            raise bad_value("text is empty", "text")
-        prompts = [check.encode(t, "text") for t in texts]
-    else:
-        if not body.input_ids:
-            raise bad_value("input_ids is empty", "input_ids")
-        single = isinstance(body.input_ids[0], int)
-        batch = [body.input_ids] if single else body.input_ids
-        prompts = [check.check_ids(ids, "input_ids") for ids in batch]
-    n = len(prompts)
+    param = "text" if body.text is not None else "input_ids"
+    raw: Any = body.text if body.text is not None else body.input_ids
+    if not raw:
+        raise bad_value(f"{param} is empty", param)
+    single = isinstance(raw, str) or isinstance(raw[0], int)
+    items = [raw] if single else raw
+    n = len(items)
+    # an unknown adapter is a 404 before any tokenizing
+    loras = [
+        tm.lora.from_lora_path(x, "lora_path") for x in _per_prompt(body.lora_path, n, "lora_path")
+    ]
+    encode = check.encode if param == "text" else check.check_ids
+    prompts = [encode(x, param) for x in items]
     if isinstance(body.rid, str) and n > 1:
         raise bad_value("rid must be a list with one id per prompt", "rid")
     params = _per_prompt(body.sampling_params or NativeSamplingParams(), n, "sampling_params")
@@ -92,7 +93,9 @@ def _plan(tm: TokenizerManager, body: GenerateRequest) -> tuple[list[TokenizedGe
     if any(r in tm.states for r in given):
         raise bad_value("a request with this rid is still running", "rid")
     reqs = []
-    for ids, p, rid, lp, start, top in zip(prompts, params, rids, logprob, starts, tops):
+    for ids, p, rid, lp, start, top, lora in zip(
+        prompts, params, rids, logprob, starts, tops, loras
+    ):
         fields = p.model_dump()
         fields["max_new_tokens"] = check.max_new_tokens(
             len(ids), fields["max_new_tokens"], "sampling_params.max_new_tokens"
@@ -119,6 +122,7 @@ def _plan(tm: TokenizerManager, body: GenerateRequest) -> tuple[list[TokenizedGe
                 return_logprob=lp,
                 logprob_start_len=start,
                 top_logprobs_num=top,
+                lora_name=lora,
             )
         )
     return reqs, single

@@ -1,5 +1,8 @@
 """OpenAI /v1/completions and /v1/models (between HTTP clients and the tokenizer manager).
 
+`model` is the served model, an adapter's name or `BASE:NAME`; /v1/models lists the base model
+and every loaded adapter (`parent`: the base model).
+
 A request with P prompts and n choices becomes P·n scheduler requests; choice index p·n + j
 (as vLLM). Logprobs use the legacy completions format; `echo` with logprobs scores the prompt
 too (its first token has no logprob).
@@ -16,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from sglora.messages import TokenizedGenerateReq
-from sglora.server.errors import bad_value, unsupported
+from sglora.server.errors import APIError, bad_value, unsupported
 from sglora.server.openai_common import (
     SSE_DONE,
     TokenStrings,
@@ -24,6 +27,7 @@ from sglora.server.openai_common import (
     check_top_logprobs,
     finish_reason,
     make_req,
+    response_model,
     sampling_params,
     sse,
     sse_with_errors,
@@ -44,14 +48,27 @@ from sglora.server.tokenizer_manager import TokenizerManager
 router = APIRouter()
 
 
+def _cards(tm: TokenizerManager) -> list[ModelCard]:
+    """The base model, then each adapter (as vLLM and SGLang list them)."""
+    n = tm.ready.context_len
+    base = ModelCard(id=tm.model_name, root=tm.args.model_path, max_model_len=n)
+    return [base] + [
+        ModelCard(id=name, root=path, parent=tm.model_name, max_model_len=n)
+        for name, path in tm.lora.loaded.items()
+    ]
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
-    tm: TokenizerManager = request.app.state.tm
-    return ModelList(
-        data=[
-            ModelCard(id=tm.model_name, root=tm.args.model_path, max_model_len=tm.ready.context_len)
-        ]
-    )
+    return ModelList(data=_cards(request.app.state.tm))
+
+
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    card = next((c for c in _cards(request.app.state.tm) if c.id == model), None)
+    if card is None:
+        raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+    return card
 
 
 @router.post("/v1/completions")
@@ -69,7 +86,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     resp = CompletionResponse(
         id=plan.id,
         created=plan.created,
-        model=tm.model_name,
+        model=plan.model,
         choices=[_choice(i, acc, plan, strings, echo=True) for i, acc in enumerate(choices)],
         usage=usage(plan.prompt_lens, sum(c.completion_tokens for c in choices)),
     )
@@ -80,6 +97,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 class _Plan:
     id: str
     created: int
+    model: str  # as the request named it
     reqs: list[TokenizedGenerateReq]
     n: int
     prompt_lens: list[int]  # one per prompt (not per choice)
@@ -103,7 +121,7 @@ def _prompts(tm: TokenizerManager, prompt: object) -> list[tuple[list[int], str 
 
 
 def _plan(tm: TokenizerManager, body: CompletionRequest) -> _Plan:
-    n = check_common(tm, body)
+    n, lora_name = check_common(tm, body)
     if body.suffix:
         raise unsupported("suffix is not supported", "suffix")
     if body.best_of is not None and body.best_of != n:
@@ -122,6 +140,7 @@ def _plan(tm: TokenizerManager, body: CompletionRequest) -> _Plan:
                     body.logprobs is not None,
                     top_n,
                     0 if body.echo and body.logprobs is not None else -1,
+                    lora_name,
                 )
             )
     texts = [
@@ -131,6 +150,7 @@ def _plan(tm: TokenizerManager, body: CompletionRequest) -> _Plan:
     return _Plan(
         f"cmpl-{uuid.uuid4().hex}",
         int(time.time()),
+        response_model(tm, body),
         reqs,
         n,
         [len(ids) for ids, _ in prompts],
@@ -198,7 +218,7 @@ async def _stream(tm: TokenizerManager, body: CompletionRequest, plan: _Plan) ->
         if choice.text or choice.finish_reason or choice.logprobs is not None:
             yield sse(
                 CompletionResponse(
-                    id=plan.id, created=plan.created, model=tm.model_name, choices=[choice]
+                    id=plan.id, created=plan.created, model=plan.model, choices=[choice]
                 )
             )
     if body.stream_options is not None and body.stream_options.include_usage:
@@ -206,7 +226,7 @@ async def _stream(tm: TokenizerManager, body: CompletionRequest, plan: _Plan) ->
             CompletionResponse(
                 id=plan.id,
                 created=plan.created,
-                model=tm.model_name,
+                model=plan.model,
                 choices=[],
                 usage=usage(plan.prompt_lens, sum(completion)),
             )

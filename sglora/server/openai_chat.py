@@ -23,6 +23,7 @@ from sglora.server.openai_common import (
     check_top_logprobs,
     finish_reason,
     make_req,
+    response_model,
     sampling_params,
     sse,
     sse_with_errors,
@@ -63,7 +64,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     resp = ChatCompletionResponse(
         id=plan.id,
         created=plan.created,
-        model=tm.model_name,
+        model=plan.model,
         choices=[
             ChatChoice(
                 index=i,
@@ -83,6 +84,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 class _Plan:
     id: str
     created: int
+    model: str  # as the request named it
     reqs: list[TokenizedGenerateReq]
     prompt_len: int
     logprobs: bool
@@ -107,7 +109,7 @@ def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
 
 
 def _plan(tm: TokenizerManager, body: ChatCompletionRequest) -> _Plan:
-    n = check_common(tm, body)
+    n, lora_name = check_common(tm, body)
     if body.tools:
         raise unsupported("tools are not supported", "tools")
     if body.tool_choice not in (None, "none"):
@@ -124,11 +126,23 @@ def _plan(tm: TokenizerManager, body: ChatCompletionRequest) -> _Plan:
     )
     max_new = tm.checker.max_new_tokens(len(ids), requested, param)
     reqs = [
-        make_req(ids, sampling_params(tm, body, max_new, j, param), body.logprobs, top_n)
+        make_req(
+            ids,
+            sampling_params(tm, body, max_new, j, param),
+            body.logprobs,
+            top_n,
+            lora_name=lora_name,
+        )
         for j in range(n)
     ]
     return _Plan(
-        f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), reqs, len(ids), body.logprobs, top_n
+        f"chatcmpl-{uuid.uuid4().hex}",
+        int(time.time()),
+        response_model(tm, body),
+        reqs,
+        len(ids),
+        body.logprobs,
+        top_n,
     )
 
 
@@ -156,7 +170,7 @@ async def _stream(
     def chunk(choice: ChatStreamChoice) -> str:
         return sse(
             ChatCompletionChunk(
-                id=plan.id, created=plan.created, model=tm.model_name, choices=[choice]
+                id=plan.id, created=plan.created, model=plan.model, choices=[choice]
             )
         )
 
@@ -186,7 +200,7 @@ async def _stream(
             ChatCompletionChunk(
                 id=plan.id,
                 created=plan.created,
-                model=tm.model_name,
+                model=plan.model,
                 choices=[],
                 usage=usage([plan.prompt_len], sum(completion)),
             )

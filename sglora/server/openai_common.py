@@ -23,10 +23,11 @@ MAX_N = 64  # choices per request; each is a scheduler request
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
-def check_common(tm: TokenizerManager, body: SamplingFields) -> int:
-    """Checks every OpenAI endpoint needs; returns n."""
+def check_common(tm: TokenizerManager, body: SamplingFields) -> tuple[int, str | None]:
+    """Checks every OpenAI endpoint needs; returns n and the adapter `model` names (None: the
+    base model)."""
     tm.check_alive()  # before a stream starts, while a 503 can still be the status
-    tm.checker.check_model(body.model)
+    lora_name = tm.lora.from_model(body.model)
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
         raise bad_value(f"n must be in [1, {MAX_N}], got {n}", "n")
@@ -34,7 +35,7 @@ def check_common(tm: TokenizerManager, body: SamplingFields) -> int:
         raise unsupported("logit_bias is not supported", "logit_bias")
     if body.stream_options is not None and not body.stream:
         raise bad_value("stream_options is only allowed when stream is true", "stream_options")
-    return n
+    return n, lora_name
 
 
 def check_top_logprobs(k: int | None, param: str) -> int:
@@ -78,6 +79,7 @@ def make_req(
     return_logprob: bool,
     top_n: int,
     logprob_start_len: int = -1,
+    lora_name: str | None = None,
 ) -> TokenizedGenerateReq:
     return TokenizedGenerateReq(
         rid=uuid.uuid4().hex,
@@ -86,7 +88,13 @@ def make_req(
         return_logprob=return_logprob,
         logprob_start_len=logprob_start_len,
         top_logprobs_num=top_n,
+        lora_name=lora_name,
     )
+
+
+def response_model(tm: TokenizerManager, body: SamplingFields) -> str:
+    """The `model` of a response: what the request named (an adapter shows as itself)."""
+    return body.model or tm.model_name
 
 
 def finish_reason(reason: dict[str, Any] | None) -> str | None:

@@ -179,7 +179,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "sglora"
-    root: str | None = None
+    root: str | None = None  # the model's path; an adapter's path
+    parent: str | None = None  # an adapter's base model; None for the base model
     max_model_len: int | None = None
 
 
@@ -224,8 +225,20 @@ class GenerateRequest(BaseModel):
     return_text_in_logprobs: bool = False
     stream: bool = False
     rid: str | list[str] | None = None
+    # adapter name for every prompt, or one per prompt (None: the base model)
+    lora_path: str | list[str | None] | None = None
 
 
 class AbortRequest(BaseModel):
     rid: str | None = None
     abort_all: bool = False
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    lora_name: str
+    lora_path: str
+    pinned: bool = False
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    lora_name: str

@@ -5,6 +5,7 @@ It tokenizes, sends `TokenizedGenerateReq`s over ZMQ, and a background task rout
 `BatchReqOutput` to the asyncio queue of the HTTP request that owns the rid. `generate()`
 turns those outputs into detokenized `GenOutput`s and aborts whatever is unfinished when its
 consumer goes away (client disconnect, error, server shutdown), which frees the KV at once.
+Adapter loads and unloads are RPCs too; `self.lora` follows their answers.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from sglora.messages import (
     FlushCacheReq,
     FlushCacheResp,
     GetStatsReq,
+    LoadLoRAReq,
+    LoRAUpdateResp,
     PortArgs,
     ReqOutput,
     SamplingParams,
@@ -34,9 +37,11 @@ from sglora.messages import (
     SchedulerStats,
     ShutdownReq,
     TokenizedGenerateReq,
+    UnloadLoRAReq,
 )
 from sglora.server.detokenizer import IncrementalDetokenizer
 from sglora.server.errors import APIError
+from sglora.server.lora_names import AdapterNames
 from sglora.server.metrics import Metrics
 from sglora.server.outputs import GenOutput, gen_output, merge_outputs
 from sglora.server.validation import InputChecker
@@ -55,6 +60,7 @@ class _ReqState:
     index: int
     internal: bool  # health checks: not counted in metrics
     created: float
+    lora_name: str | None
     first_token_at: float | None = None
     abort_sent: bool = False
 
@@ -71,8 +77,10 @@ class TokenizerManager:
         self.args, self.ready, self.tokenizer, self.metrics = args, ready, tokenizer, metrics
         self.model_name = args.served_model_name or args.model_path
         self.checker = InputChecker(tokenizer, ready, self.model_name)
+        self.lora = AdapterNames(self.model_name, ready.lora_enabled, ready.lora_adapters)
         self.states: dict[str, _ReqState] = {}
         self.rpcs: dict[str, asyncio.Future] = {}
+        self.unloads: dict[str, str] = {}  # req_id of an unanswered UnloadLoRAReq -> adapter
         self.dead: str | None = None  # why the scheduler is gone
         self.last_output_at = 0.0
         # A plain (blocking-API) PUSH with no high-water mark never blocks, so aborts can be
@@ -108,7 +116,7 @@ class TokenizerManager:
         queue: asyncio.Queue = asyncio.Queue()
         now = time.monotonic()
         for i, r in enumerate(reqs):
-            self.states[r.rid] = _ReqState(queue, i, internal, now)
+            self.states[r.rid] = _ReqState(queue, i, internal, now, r.lora_name)
             self.send_sock.send_pyobj(r)
         detoks = [
             IncrementalDetokenizer(
@@ -157,8 +165,22 @@ class TokenizerManager:
 
     # ---- control ------------------------------------------------------------------------------
 
-    async def get_stats(self) -> SchedulerStats:
-        return await self._rpc(GetStatsReq(uuid.uuid4().hex))
+    async def get_stats(self, check_lora: bool = False) -> SchedulerStats:
+        return await self._rpc(GetStatsReq(uuid.uuid4().hex, check_lora))
+
+    async def load_lora(self, name: str, path: str, pinned: bool) -> LoRAUpdateResp:
+        # no timeout: reading a large adapter (or fetching it from the hub) takes its time
+        return await self._rpc(LoadLoRAReq(uuid.uuid4().hex, name, path, pinned), None)
+
+    async def unload_lora(self, name: str) -> LoRAUpdateResp:
+        """Answered once the adapter's last request has finished (no timeout: that may take
+        as long as the longest generation)."""
+        self.check_alive()
+        msg = UnloadLoRAReq(uuid.uuid4().hex, name)
+        # the name stays hidden until the answer, even if this caller gives up before it
+        self.lora.begin_unload(name)
+        self.unloads[msg.req_id] = name
+        return await self._rpc(msg, None)
 
     async def flush_cache(self) -> FlushCacheResp:
         return await self._rpc(FlushCacheReq(uuid.uuid4().hex))
@@ -217,13 +239,13 @@ class TokenizerManager:
         if self.dead:
             raise APIError(503, self.dead, code="scheduler_unavailable")
 
-    async def _rpc(self, msg: Any) -> Any:
+    async def _rpc(self, msg: Any, timeout: float | None = RPC_TIMEOUT_S) -> Any:
         self.check_alive()
         fut = asyncio.get_running_loop().create_future()
         self.rpcs[msg.req_id] = fut
         self.send_sock.send_pyobj(msg)
         try:
-            return await asyncio.wait_for(fut, RPC_TIMEOUT_S)
+            return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise APIError(
                 503,
@@ -243,7 +265,11 @@ class TokenizerManager:
                     self.last_output_at = time.monotonic()
                     for out in msg.outputs:
                         self._dispatch(out)
-                elif isinstance(msg, (FlushCacheResp, SchedulerStats)):
+                elif isinstance(msg, (FlushCacheResp, SchedulerStats, LoRAUpdateResp)):
+                    if isinstance(msg, LoRAUpdateResp):
+                        self.lora.sync(msg.loaded_adapters)
+                        if msg.req_id in self.unloads:
+                            self.lora.end_unload(self.unloads.pop(msg.req_id))
                     fut = self.rpcs.get(msg.req_id)
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
@@ -257,10 +283,11 @@ class TokenizerManager:
         if st is None:
             return
         now = time.monotonic()
+        label = st.lora_name or self.model_name  # metrics are per adapter
         if out.new_token_ids and st.first_token_at is None:
             st.first_token_at = now
             if not st.internal:
-                self.metrics.on_first_token(self.model_name, now - st.created)
+                self.metrics.on_first_token(label, now - st.created)
         reason = out.finish_reason or {}
         if (
             out.finished
@@ -269,7 +296,12 @@ class TokenizerManager:
             and not out.completion_tokens
         ):
             # refused by the scheduler's own checks (the edge checks should have caught it)
-            st.queue.put_nowait(APIError(400, reason.get("message", "request refused")))
+            message = reason.get("message", "request refused")
+            if st.lora_name is not None and st.lora_name not in self.lora:
+                # its adapter went away between the edge check and the scheduler
+                st.queue.put_nowait(APIError(404, message, "model", "lora_not_found"))
+            else:
+                st.queue.put_nowait(APIError(400, message))
         else:
             st.queue.put_nowait((st.index, out))
         if out.finished:
@@ -277,7 +309,7 @@ class TokenizerManager:
             if not st.internal:
                 decode = now - st.first_token_at if st.first_token_at is not None else None
                 self.metrics.on_finish(
-                    self.model_name,
+                    label,
                     reason.get("type", "unknown"),
                     out.prompt_tokens,
                     out.completion_tokens,

@@ -21,10 +21,6 @@ class InputChecker:
         bos = getattr(tokenizer, "bos_token_id", None)
         self.health_token = bos if isinstance(bos, int) and 0 <= bos < self.vocab_size else 0
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
-
     def encode(self, text: str, param: str) -> list[int]:
         ids = self.tokenizer.encode(text)
         if not ids:

@@ -1,6 +1,7 @@
 """Server fixtures: a real `python -m sglora.launch_server` process on loopback (one per
 session), the official openai clients pointed at it, and an in-process Engine on the same tiny
-model as the reference for exact tokens and logprobs."""
+model as the reference for exact tokens and logprobs. A second server serves six LoRA adapters
+through two slots (`lora_server`), with its own Engine reference (`lora_engine`)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,20 @@ import openai
 import pytest
 
 from sglora.engine import Engine
+from sglora.testing.adapters import tiny_adapter_paths
 
 MODEL = "tiny-moe"  # --served-model-name of the session server
 START_TIMEOUT_S = 120
+# adapter name on the LoRA server -> kind in sglora/testing/adapters.py
+LORA_KINDS = {
+    "attn": "attn",
+    "experts": "experts",
+    "rslora": "attn_experts_rslora",
+    "mixed": "mixed_ranks",
+    "per-expert": "per_expert",
+    "shared-outer": "shared_outer",
+}
+LORA_SLOTS = 2  # --max-loras-per-batch of the LoRA server: fewer than its adapters
 
 
 @dataclass
@@ -50,8 +62,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], log_path: Path) -> ServerProc:
-    """Launch and wait (bounded) until /health answers 200."""
+def start_server(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> ServerProc:
+    """Launch and wait (bounded) until /health answers 200. `env`: extra variables."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -64,7 +76,9 @@ def start_server(args: list[str], log_path: Path) -> ServerProc:
         *args,
     ]
     log = open(log_path, "w")  # noqa: SIM115 - the child writes it for its whole life
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
     log.close()
     server = ServerProc(proc, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -94,6 +108,55 @@ def server(model_path, tmp_path_factory):
     )
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def adapter_paths() -> dict[str, str]:
+    return {name: str(tiny_adapter_paths("qwen3_moe", k)[0]) for name, k in LORA_KINDS.items()}
+
+
+@pytest.fixture(scope="session")
+def lora_server(model_path, adapter_paths, tmp_path_factory):
+    srv = start_server(
+        [
+            "--model-path",
+            model_path,
+            "--served-model-name",
+            MODEL,
+            "--max-loras-per-batch",
+            str(LORA_SLOTS),
+            "--lora-paths",
+            *(f"{name}={path}" for name, path in adapter_paths.items()),
+        ],
+        tmp_path_factory.mktemp("lora_server") / "server.log",
+        # one torch thread, as lora_engine's references use: tiny ops on threads that share
+        # busy cores wait on each other at every op (100x slower on a loaded CI machine)
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def lora_http(lora_server):
+    with httpx.Client(base_url=lora_server.url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def lora_client(lora_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=lora_server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def lora_engine(model_path, adapter_paths) -> Engine:
+    """The LoRA server's model and adapters in this process, a slot for each adapter."""
+    return Engine(
+        model_path=model_path,
+        device="cpu",
+        lora_paths=tuple(f"{name}={path}" for name, path in adapter_paths.items()),
+        max_loras_per_batch=len(adapter_paths),
+    )
 
 
 @pytest.fixture(scope="session")

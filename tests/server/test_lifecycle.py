@@ -1,6 +1,7 @@
-"""Process lifecycle of `python -m sglora.launch_server`: --demo serves over HTTP and prints a
-working curl example; SIGTERM lets an in-flight stream finish and exits 0; a dead scheduler
-makes the server log why and exit non-zero; a busy port fails fast with one line."""
+"""Process lifecycle of `python -m sglora.launch_server`: --demo serves over HTTP (the base
+model and its three adapters) and prints a working curl example; SIGTERM lets an in-flight
+stream finish and exits 0; a dead scheduler makes the server log why and exit non-zero; a busy
+port fails fast with one line."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 
 import httpx
 
+from sglora.testing.demo import DEMO_ADAPTERS
 from tests.server.conftest import free_port, start_server
 
 
@@ -34,6 +36,16 @@ def test_demo_prints_curl_example_and_sigterm_drains_in_flight_stream(tmp_path):
         answer = httpx.post(url, json=payload, timeout=60)
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["message"]["content"]
+        # the demo adapters: listed, and each changes what the model says
+        models = httpx.get(srv.url + "/v1/models", timeout=30).json()["data"]
+        adapters = [m["id"] for m in models if m["parent"] == payload["model"]]
+        assert sorted(adapters) == sorted(DEMO_ADAPTERS)
+        texts = []
+        for name in [payload["model"], *adapters]:
+            r = httpx.post(url, json={**payload, "model": name, "temperature": 0}, timeout=60)
+            assert r.status_code == 200 and r.json()["model"] == name, r.text
+            texts.append(r.json()["choices"][0]["message"]["content"])
+        assert len(set(texts)) == len(texts), texts
 
         # a long stream is in flight when SIGTERM arrives: it must finish, not be cut
         first_chunk, result = threading.Event(), {}
