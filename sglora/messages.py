@@ -198,6 +198,24 @@ class GetStatsReq:
 
 
 @dataclass
+class SlotLoadHistogram:
+    """Durations of adapter loads into device slots (host -> device), cumulative since start:
+    the api server renders it as the Prometheus histogram `sglora:lora_slot_load_seconds`."""
+
+    bounds: tuple[float, ...]  # seconds, upper bucket bounds, ascending (+Inf implied)
+    counts: list[int]  # loads taking <= bounds[i] (cumulative, as Prometheus buckets)
+    count: int = 0
+    total_seconds: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.count += 1
+        self.total_seconds += seconds
+        for i, bound in enumerate(self.bounds):
+            if seconds <= bound:
+                self.counts[i] += 1
+
+
+@dataclass
 class LoRAStats:
     """The LoRA slot pool as the scheduler sees it (part of SchedulerStats)."""
 
@@ -206,6 +224,7 @@ class LoRAStats:
     loaded: dict[str, str]  # name -> path, adapters that new requests may use
     pending_unloads: list[str]  # refused to new requests, waiting for their last request
     integrity_error: str | None  # None: check_integrity() passed (or was not asked for)
+    slot_loads: SlotLoadHistogram | None = None
 
 
 @dataclass

@@ -4,6 +4,8 @@ parsed tensors in host memory (between the API's load/unload calls and the slot 
 Registering parses and validates the adapter at once, so a bad path or file fails the load call
 and leaves nothing behind. When more than `max_loaded` adapters are parsed, the least recently
 used one is dropped from host memory and re-read from disk when a request needs it again.
+Names that point at the same unchanged checkpoint share one parsed copy (benchmarks serve a few
+files under hundreds of names; an adapter of a 30B MoE is gigabytes in host memory).
 """
 
 from __future__ import annotations
@@ -50,33 +52,50 @@ class LoRARegistry:
         self.targets, self.max_loaded = targets, max_loaded
         self.refs: dict[str, AdapterRef] = {}
         self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self._file_ids: dict[str, tuple] = {}  # cached name -> _file_id of its checkpoint
 
     def register(self, name: str, path: str, pinned: bool = False) -> LoRAAdapter:
         if name in self.refs:
             raise AdapterError(f"an adapter named {name!r} is already loaded")
-        adapter = load_adapter(name, resolve_adapter_path(path), self.targets)
+        adapter = self._parse(name, path)
         self.refs[name] = AdapterRef(name, str(path), pinned)
-        self._remember(adapter)
         return adapter
 
     def unregister(self, name: str) -> None:
         self.refs.pop(name)
         self._cache.pop(name, None)
+        self._file_ids.pop(name, None)
 
     def get(self, name: str) -> LoRAAdapter:
         if name in self._cache:
             self._cache.move_to_end(name)
             return self._cache[name]
-        ref = self.refs[name]
-        adapter = load_adapter(name, resolve_adapter_path(ref.path), self.targets)
-        self._remember(adapter)
-        return adapter
+        return self._parse(name, self.refs[name].path)
 
-    def _remember(self, adapter: LoRAAdapter) -> None:
-        self._cache[adapter.name] = adapter
-        self._cache.move_to_end(adapter.name)
+    def _parse(self, name: str, path: str) -> LoRAAdapter:
+        resolved = resolve_adapter_path(path)
+        file_id = _file_id(resolved)
+        twin = next((n for n, f in self._file_ids.items() if f == file_id), None)
+        if twin is not None:  # parsed tensors are never written to, so names can share them
+            adapter = LoRAAdapter(name, str(resolved), self._cache[twin].modules)
+        else:
+            adapter = load_adapter(name, resolved, self.targets)
+        self._cache[name] = adapter
+        self._cache.move_to_end(name)
+        self._file_ids[name] = file_id
         while self.max_loaded is not None and len(self._cache) > self.max_loaded:
-            self._cache.popitem(last=False)
+            self._file_ids.pop(self._cache.popitem(last=False)[0], None)
+        return adapter
 
     def cached_names(self) -> list[str]:
         return list(self._cache)
+
+
+def _file_id(path: Path) -> tuple:
+    """Identifies a checkpoint's contents: a rewritten file gets a new id (mtime, size)."""
+    ids = [str(path.resolve())]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        f = path / name
+        st = f.stat() if f.is_file() else None
+        ids.append((st.st_mtime_ns, st.st_size) if st else None)
+    return tuple(ids)

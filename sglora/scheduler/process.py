@@ -250,6 +250,7 @@ class SchedulerLoop:
             loaded=self.loaded_adapters(),
             pending_unloads=list(self.scheduler.pending_unloads),
             integrity_error=error,
+            slot_loads=lora.slot_loads,
         )
 
     # ---- state -------------------------------------------------------------------------------

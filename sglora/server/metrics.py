@@ -9,8 +9,9 @@ served: the prompt of a request that got past prefill, and every generated token
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 
-from sglora.messages import SchedulerStats
+from sglora.messages import SchedulerStats, SlotLoadHistogram
 
 PREFIX = "sglora:"
 # seconds; the low end resolves CPU tiny models, the high end long generations on a busy GPU
@@ -87,6 +88,8 @@ class Metrics:
             m,
             registry=r,
         )
+        self.slot_loads = _SlotLoadCollector()
+        r.register(self.slot_loads)
 
     def on_first_token(self, model: str, ttft: float) -> None:
         self.ttft.labels(model).observe(ttft)
@@ -120,6 +123,27 @@ class Metrics:
         if stats.lora is not None:
             self.lora_loaded.labels(model).set(len(stats.lora.loaded))
             self.lora_resident.labels(model).set(sum(n is not None for n in stats.lora.slots))
+            if stats.lora.slot_loads is not None:
+                self.slot_loads.latest[model] = stats.lora.slot_loads
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SlotLoadCollector:
+    """`sglora:lora_slot_load_seconds`: the scheduler keeps the histogram (it does the loads)
+    and sends it whole with its stats, so this renders the latest copy instead of observing."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, SlotLoadHistogram] = {}  # model label -> histogram
+
+    def collect(self):
+        fam = HistogramMetricFamily(
+            PREFIX + "lora_slot_load_seconds",
+            "Time to copy an adapter into a device slot (host to device), per load.",
+            labels=["model"],
+        )
+        for model, h in self.latest.items():
+            buckets = [(repr(float(b)), c) for b, c in zip(h.bounds, h.counts)]
+            fam.add_metric([model], [*buckets, ("+Inf", h.count)], h.total_seconds)
+        yield fam
