@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,14 @@ class ConfigError(ValueError):
 
 def _arg(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices, **kw})
+
+
+API_KEY_ENV, ADMIN_API_KEY_ENV = "SGLORA_API_KEY", "SGLORA_ADMIN_API_KEY"
+
+
+def _secret(help: str) -> Any:
+    """A key: kept out of repr() and redacted from /get_server_info (metadata `secret`)."""
+    return field(default=None, repr=False, metadata={"help": help, "choices": None, "secret": True})
 
 
 def flag_name(name: str) -> str:
@@ -72,6 +81,27 @@ class ServerArgs:
     host: str = _arg("127.0.0.1", "Address the HTTP server binds.")
     port: int = _arg(30000, "Port of the HTTP server.")
     demo: bool = _arg(False, "Serve a tiny built-in MoE model (built locally, no download).")
+
+    # Security and limits (docs/security.md)
+    api_key: str | None = _secret(
+        "Require 'Authorization: Bearer KEY' on every endpoint but /health; also read from "
+        f"${API_KEY_ENV}, which is better (a flag shows in `ps`)."
+    )
+    admin_api_key: str | None = _secret(
+        "Adapter load/unload, cache flush and abort_all need this key instead of --api-key; "
+        f"also read from ${ADMIN_API_KEY_ENV}."
+    )
+    max_request_bytes: int = _arg(
+        16 * 1024 * 1024, "Largest HTTP request body; a larger one is refused with 413."
+    )
+    max_queued_requests: int | None = _arg(
+        None,
+        "Requests held beyond --max-running-requests (each prompt × n counts); more are "
+        "refused with 503 and Retry-After instead of growing memory (default: no limit).",
+    )
+    graceful_shutdown_timeout: float = _arg(
+        30.0, "Seconds in-flight requests get to finish after SIGTERM before they are aborted."
+    )
 
     # Memory and scheduling
     mem_fraction_static: float = _arg(
@@ -152,6 +182,17 @@ class ServerArgs:
         "Expert LoRA slots hold one gate/up A and one down B shared by all experts "
         "(E× less memory for those); adapters with per-expert ones are then refused.",
     )
+    lora_allowed_dirs: tuple[str, ...] = _arg(
+        (),
+        "Directories that run-time adapter loads may read from (after resolving symlinks and "
+        "'..'); default: any path the server can read.",
+    )
+    disable_lora_hub_download: bool = _arg(
+        False, "Never fetch adapters from the Hugging Face hub: local directories only."
+    )
+    max_lora_size_gb: float = _arg(
+        16.0, "Largest adapter_model.safetensors that is read (checked before reading it)."
+    )
 
     log_level: str = _arg("info", "Logging level.", ("debug", "info", "warning", "error"))
 
@@ -199,6 +240,26 @@ class ServerArgs:
             "max_lora_chunk_size",
             "must be a power of two in 16..128",
         )
+        for name, env in (("api_key", API_KEY_ENV), ("admin_api_key", ADMIN_API_KEY_ENV)):
+            if getattr(self, name) is None and os.environ.get(env):
+                object.__setattr__(self, name, os.environ[env])
+            key = getattr(self, name)
+            if key is not None and (not key or key != key.strip() or not key.isprintable()):
+                # the message must not echo the key
+                raise ConfigError(
+                    f"{flag_name(name)}: must be non-empty printable text without surrounding "
+                    "spaces"
+                )
+        need(self.max_request_bytes >= 1024, "max_request_bytes", "must be >= 1024")
+        need(
+            self.max_queued_requests is None or self.max_queued_requests >= 0,
+            "max_queued_requests",
+            "must be >= 0",
+        )
+        need(self.graceful_shutdown_timeout >= 0, "graceful_shutdown_timeout", "must be >= 0")
+        need(self.max_lora_size_gb > 0, "max_lora_size_gb", "must be > 0")
+        missing = [d for d in self.lora_allowed_dirs if not os.path.isdir(d)]
+        need(not missing, "lora_allowed_dirs", f"{missing} are not directories")
         unknown = [m for m in self.lora_target_modules or () if m not in LORA_TARGET_MODULES]
         need(
             not unknown,

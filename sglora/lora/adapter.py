@@ -16,15 +16,20 @@ Accepted layouts (docs/lora_formats.md lists each with its test):
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from sglora.lora.adapter_files import (
+    AdapterError,
+    AdapterLimits,
+    check_limits,
+    load_tensors,
+    read_adapter_config,
+)
 from sglora.lora.targets import ModelTargets
 
 _PREFIX = "base_model.model."
@@ -41,16 +46,6 @@ _COMPACT_EXPERTS = re.compile(
 _EXPERT_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 # Parameters of a fused experts module, in module order (PEFT nests wrappers in this order).
 _FUSED_PARAMS = ("gate_up_proj", "down_proj")
-_UNSUPPORTED_CONFIG = {
-    "use_dora": "DoRA adapters",
-    "lora_bias": "LoRA bias terms",
-    "trainable_token_indices": "trainable extra tokens",
-    "modules_to_save": "modules_to_save",
-}
-
-
-class AdapterError(ValueError):
-    """A checkpoint sglora cannot serve; the message names the file, key or field."""
 
 
 @dataclass
@@ -77,42 +72,6 @@ class LoRAAdapter:
         return sum(w.A.nbytes + w.B.nbytes for w in self.modules.values())
 
 
-def read_adapter_config(path: Path) -> dict:
-    cfg_file = path / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise AdapterError(f"{path}: no adapter_config.json")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_file}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{cfg_file}: expected a JSON object")
-    ptype = str(cfg.get("peft_type", "LORA")).upper()
-    if ptype != "LORA":
-        raise AdapterError(f"{cfg_file}: peft_type {ptype!r} is not supported (only LORA)")
-    for key, what in _UNSUPPORTED_CONFIG.items():
-        if cfg.get(key):
-            raise AdapterError(f"{cfg_file}: {what} ({key}) are not supported")
-    if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
-        raise AdapterError(f"{cfg_file}: field 'r' must be a positive integer")
-    return cfg
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    f = path / "adapter_model.safetensors"
-    if not f.is_file():
-        if (path / "adapter_model.bin").is_file():
-            raise AdapterError(
-                f"{path}: adapter_model.bin is a pickle file and is not loaded; "
-                "save the adapter with safetensors"
-            )
-        raise AdapterError(f"{path}: no adapter_model.safetensors")
-    try:
-        return load_file(str(f))
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
-        raise AdapterError(f"{f}: cannot read safetensors ({e})") from e
-
-
 class _Scaling:
     """PEFT's rank/alpha resolution: patterns match the full module (or parameter) path."""
 
@@ -135,11 +94,29 @@ class _Scaling:
         return r, (alpha / math.sqrt(r) if self.rslora else alpha / r)
 
 
-def load_adapter(name: str, path: str | Path, targets: ModelTargets) -> LoRAAdapter:
-    """Parse, validate against the model, and return canonical float32 tensors on the CPU."""
+# What a malformed checkpoint makes the parsing below raise (shapes that do not split or
+# reshape, keys of the wrong type): the file's fault, so an AdapterError, not a server error.
+_PARSE_ERRORS = (OSError, ValueError, RuntimeError, TypeError, KeyError, IndexError, RecursionError)
+
+
+def load_adapter(
+    name: str, path: str | Path, targets: ModelTargets, limits: AdapterLimits | None = None
+) -> LoRAAdapter:
+    """Parse, validate against the model, and return canonical float32 tensors on the CPU.
+    `limits` are checked before the weights are read."""
     path = Path(path)
-    cfg = read_adapter_config(path)
-    tensors = _load_tensors(path)
+    try:
+        cfg = read_adapter_config(path)
+        check_limits(cfg, path, limits or AdapterLimits())
+        return _parse(name, path, cfg, targets)
+    except AdapterError:
+        raise
+    except _PARSE_ERRORS as e:
+        raise AdapterError(f"{path}: cannot read the adapter ({type(e).__name__}: {e})") from e
+
+
+def _parse(name: str, path: Path, cfg: dict, targets: ModelTargets) -> LoRAAdapter:
+    tensors = load_tensors(path)
     scaling = _Scaling(cfg)
     _check_saved_embeddings(tensors, targets, path)
     pairs = _pair_keys(tensors, path)

@@ -18,6 +18,7 @@ from torch import nn
 
 from sglora.config import LORA_TARGET_MODULES, ServerArgs
 from sglora.lora.adapter import AdapterError, LoRAAdapter
+from sglora.lora.adapter_files import AdapterLimits
 from sglora.lora.backends import create_lora_backend
 from sglora.lora.backends.base import LoRABatchInfo
 from sglora.lora.layers import attach_lora
@@ -72,7 +73,15 @@ class LoRAManager:
     ):
         self.args, self.device = args, device
         self.targets: ModelTargets = model_targets(model)
-        self.registry = LoRARegistry(self.targets, args.max_loaded_loras)
+        # start-up adapters are checked against --max-lora-rank only if it is given (else they
+        # size the slots); later loads against the slots' rank, before their weights are read
+        max_bytes = int(args.max_lora_size_gb * 1e9)
+        self.registry = LoRARegistry(
+            self.targets,
+            args.max_loaded_loras,
+            AdapterLimits(args.max_lora_rank, max_bytes),
+            allow_hub=not args.disable_lora_hub_download,
+        )
         initial = parse_lora_paths(args.lora_paths)
         # parse the initial adapters first: they size the pool when no targets are given
         adapters = [(self.registry.register(n, p, pin), pin) for n, p, pin in initial]
@@ -87,6 +96,7 @@ class LoRAManager:
             device,
             args.experts_shared_outer_loras,
         )
+        self.registry.limits = AdapterLimits(self.pool.max_rank, max_bytes)
         self.backend = create_lora_backend(args, device)
         self.slot_of: dict[str, int] = {}
         self.pinned: set[str] = set()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sglora.lora.adapter import AdapterError, LoRAAdapter, load_adapter
+from sglora.lora.adapter_files import AdapterLimits
 from sglora.lora.targets import ModelTargets
 
 
@@ -26,12 +27,18 @@ class AdapterRef:
     pinned: bool = False
 
 
-def resolve_adapter_path(path: str) -> Path:
-    """A local directory, or a Hugging Face repo id fetched with huggingface_hub."""
+def resolve_adapter_path(path: str, allow_hub: bool = True) -> Path:
+    """A local directory, or a Hugging Face repo id fetched with huggingface_hub
+    (`allow_hub=False`: --disable-lora-hub-download)."""
     if os.path.isdir(path):
         return Path(path)
     if os.path.exists(path):
         raise AdapterError(f"{path}: not a directory")
+    if not allow_hub:
+        raise AdapterError(
+            f"{path}: no such directory (Hugging Face hub downloads are disabled by "
+            "--disable-lora-hub-download)"
+        )
     try:
         from huggingface_hub import snapshot_download
 
@@ -48,8 +55,15 @@ def resolve_adapter_path(path: str) -> Path:
 
 
 class LoRARegistry:
-    def __init__(self, targets: ModelTargets, max_loaded: int | None):
+    def __init__(
+        self,
+        targets: ModelTargets,
+        max_loaded: int | None,
+        limits: AdapterLimits | None = None,
+        allow_hub: bool = True,
+    ):
         self.targets, self.max_loaded = targets, max_loaded
+        self.limits, self.allow_hub = limits or AdapterLimits(), allow_hub
         self.refs: dict[str, AdapterRef] = {}
         self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
         self._file_ids: dict[str, tuple] = {}  # cached name -> _file_id of its checkpoint
@@ -73,13 +87,13 @@ class LoRARegistry:
         return self._parse(name, self.refs[name].path)
 
     def _parse(self, name: str, path: str) -> LoRAAdapter:
-        resolved = resolve_adapter_path(path)
+        resolved = resolve_adapter_path(path, self.allow_hub)
         file_id = _file_id(resolved)
         twin = next((n for n, f in self._file_ids.items() if f == file_id), None)
         if twin is not None:  # parsed tensors are never written to, so names can share them
             adapter = LoRAAdapter(name, str(resolved), self._cache[twin].modules)
         else:
-            adapter = load_adapter(name, resolved, self.targets)
+            adapter = load_adapter(name, resolved, self.targets, self.limits)
         self._cache[name] = adapter
         self._cache.move_to_end(name)
         self._file_ids[name] = file_id

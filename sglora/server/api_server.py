@@ -3,7 +3,9 @@ OpenAI, native, admin and LoRA routes and maps every failure to an OpenAI error 
 
 Invalid JSON is a 400, a body that does not match the schema a 422, an unknown route a 404,
 a wrong method a 405; route handlers raise `APIError` for the rest. Anything else is a bug:
-logged with its traceback and answered with a 500, and the server keeps going.
+logged with its traceback under a fresh error id, answered with a 500 naming only that id (no
+internals leak to the client), and the server keeps going. Before any of this, ASGI middleware
+checks the API key (auth.py) and the body's size and encoding (body_limits.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sglora.server import admin_api, lora_api, native_api, openai_api, openai_chat
-from sglora.server.errors import APIError, error_body
+from sglora.server.auth import APIKeyMiddleware, APIKeys
+from sglora.server.body_limits import BodyLimitMiddleware
+from sglora.server.errors import APIError, error_body, internal_error
 from sglora.server.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
@@ -33,12 +37,16 @@ def create_app(tm: TokenizerManager) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
+    # the last added runs first: the key check comes before the body is read
+    app.add_middleware(BodyLimitMiddleware, max_bytes=tm.args.max_request_bytes)
+    app.state.keys = APIKeys(tm.args.api_key, tm.args.admin_api_key)
+    app.add_middleware(APIKeyMiddleware, keys=app.state.keys)
     return app
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 # Builtin type names pydantic puts in an error path for union members ("list[int]", "str").
@@ -89,7 +97,8 @@ def _invalid_json(message: str) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    # FastAPI raises a bare 400 when the body cannot be parsed at all (e.g. nested too deep)
+    code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     message = str(exc.detail)
     if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path}"
@@ -102,13 +111,5 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(
-        error_body(
-            f"internal server error: {type(exc).__name__}: {exc}",
-            "server_error",
-            None,
-            "internal_error",
-        ),
-        status_code=500,
-    )
+    error = internal_error(exc, f"{request.method} {request.url.path}")
+    return JSONResponse(error.body(), status_code=500)

@@ -5,7 +5,8 @@ Order: bind the HTTP port (so a busy port fails before the model loads), spawn t
 and wait for its ready message, connect the tokenizer manager, run one warm-up generation,
 serve. While serving, a dead child is noticed at once (its sentinel fd): the server logs its
 exit code, fails open requests with 503 and exits 1. SIGTERM/SIGINT: stop accepting, let
-in-flight requests finish for up to DRAIN_TIMEOUT_S, abort the rest, stop the child, exit 0.
+in-flight requests finish for up to --graceful-shutdown-timeout, abort the rest, stop the child,
+exit 0.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from sglora.testing.demo import apply_demo
 
 logger = logging.getLogger(__name__)
 
-DRAIN_TIMEOUT_S = 30  # in-flight requests get this long after SIGTERM before they are aborted
 CHILD_EXIT_TIMEOUT_S = 10
 
 
@@ -186,7 +186,8 @@ class _Supervisor:
             self.app,
             log_level=args.log_level,
             access_log=args.log_level == "debug",
-            timeout_graceful_shutdown=DRAIN_TIMEOUT_S + 10,  # a backstop: we abort first
+            # a backstop: we abort first
+            timeout_graceful_shutdown=args.graceful_shutdown_timeout + 10,
             log_config=None,
         )
         self.server = _Server(config, self.on_exit_signal)
@@ -226,12 +227,13 @@ class _Supervisor:
 
     def on_exit_signal(self) -> None:  # runs in a signal handler: only schedule work here
         self.app.state.draining = True
+        self.tm.draining = True  # new generations get a 503 (shutting_down)
         self.loop.call_soon_threadsafe(
             lambda: self.tasks.append(self.loop.create_task(self.abort_after_drain_timeout()))
         )
 
     async def abort_after_drain_timeout(self) -> None:
-        deadline = self.loop.time() + DRAIN_TIMEOUT_S
+        deadline = self.loop.time() + self.args.graceful_shutdown_timeout
         while self.tm.states and self.loop.time() < deadline:
             await asyncio.sleep(0.1)
         if self.tm.states:

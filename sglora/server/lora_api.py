@@ -8,6 +8,8 @@ or LoRA is off, 409 the name is taken (or still being unloaded), 404 unload of a
 name. A failed load changes nothing. Unload answers once the adapter's last in-flight request
 has finished; new requests for it get a 404 from the moment it is asked. A hub repo id is
 downloaded here, and the scheduler loads the local copy (`loaded_adapters` shows its path).
+`--lora-allowed-dirs` confines loads to those directories; `--admin-api-key` guards both routes
+(sglora/server/auth.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from sglora.lora.adapter import AdapterError
+from sglora.lora.adapter_files import confine
 from sglora.lora.registry import resolve_adapter_path
 from sglora.messages import LoRAUpdateResp
 from sglora.server.errors import APIError, error_body
@@ -46,16 +49,27 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> J
         tm.lora.check_new_name(body.lora_name)
     except APIError as e:  # answered in this route's shape, like the scheduler's refusals
         return _answer(tm, False, e.message, e.code)
-    path = body.lora_path
-    if not os.path.exists(path):
-        # a Hugging Face repo id: download it here, off the event loop, so that the scheduler
-        # (which reads the local copy) never stalls generation on the network
-        try:
-            path = str(await asyncio.to_thread(resolve_adapter_path, path))
-        except AdapterError as e:
-            return _answer(tm, False, str(e), "invalid_lora_adapter")
+    try:
+        path = await _local_path(tm, body.lora_path)
+    except AdapterError as e:
+        return _answer(tm, False, str(e), "invalid_lora_adapter")
     resp = await tm.load_lora(body.lora_name, path, body.pinned)
     return _reply(tm, resp)
+
+
+async def _local_path(tm: TokenizerManager, path: str) -> str:
+    """The directory the scheduler will read. With --lora-allowed-dirs: the path resolved
+    (symlinks, '..') inside them, and no hub downloads. Otherwise a path that does not exist
+    is a Hugging Face repo id, downloaded here, off the event loop, so that the scheduler
+    never stalls generation on the network (unless --disable-lora-hub-download)."""
+    if "\0" in path:
+        raise AdapterError("lora_path holds a NUL character")
+    if tm.args.lora_allowed_dirs:
+        return str(confine(path, tm.args.lora_allowed_dirs))
+    if os.path.exists(path):
+        return path
+    allow_hub = not tm.args.disable_lora_hub_download
+    return str(await asyncio.to_thread(resolve_adapter_path, path, allow_hub))
 
 
 @router.post("/unload_lora_adapter")

@@ -45,6 +45,11 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
 async def abort_request(body: AbortRequest, request: Request) -> dict[str, Any]:
     tm: TokenizerManager = request.app.state.tm
     if body.abort_all:
+        if not request.app.state.keys.is_admin(request.scope["headers"]):
+            # one user must not end everyone's requests (see sglora/server/auth.py)
+            raise APIError(
+                403, "abort_all needs the admin API key", "abort_all", "permission_denied"
+            )
         tm.abort_all()
         return {"success": True}
     if body.rid is None:
@@ -125,6 +130,7 @@ def _plan(tm: TokenizerManager, body: GenerateRequest) -> tuple[list[TokenizedGe
                 lora_name=lora,
             )
         )
+    tm.check_capacity(len(reqs))
     return reqs, single
 
 

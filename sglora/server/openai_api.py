@@ -143,6 +143,7 @@ def _plan(tm: TokenizerManager, body: CompletionRequest) -> _Plan:
                     lora_name,
                 )
             )
+    tm.check_capacity(len(reqs))
     texts = [
         (text if text is not None else tm.tokenizer.decode(ids)) if body.echo else ""
         for ids, text in prompts

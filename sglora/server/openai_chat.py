@@ -135,6 +135,7 @@ def _plan(tm: TokenizerManager, body: ChatCompletionRequest) -> _Plan:
         )
         for j in range(n)
     ]
+    tm.check_capacity(len(reqs))
     return _Plan(
         f"chatcmpl-{uuid.uuid4().hex}",
         int(time.time()),

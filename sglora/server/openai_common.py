@@ -5,7 +5,6 @@ checks, SamplingParams from OpenAI fields, token strings for logprobs, and serve
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,11 +12,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from sglora.messages import MAX_TOP_LOGPROBS, SamplingParams, TokenizedGenerateReq
-from sglora.server.errors import APIError, bad_value, unsupported
+from sglora.server.errors import APIError, bad_value, internal_error, unsupported
 from sglora.server.protocol import SamplingFields, UsageInfo
 from sglora.server.tokenizer_manager import TokenizerManager
-
-logger = logging.getLogger(__name__)
 
 MAX_N = 64  # choices per request; each is a scheduler request
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
@@ -146,10 +143,5 @@ async def sse_with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
         yield sse(e.body())
         yield SSE_DONE
     except Exception as e:  # a bug: log it, and still end the stream in a parseable way
-        logger.exception("stream failed")
-        yield sse(
-            APIError(
-                500, f"internal server error: {type(e).__name__}: {e}", code="internal_error"
-            ).body()
-        )
+        yield sse(internal_error(e, "a stream").body())
         yield SSE_DONE

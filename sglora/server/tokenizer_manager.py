@@ -82,6 +82,9 @@ class TokenizerManager:
         self.rpcs: dict[str, asyncio.Future] = {}
         self.unloads: dict[str, str] = {}  # req_id of an unanswered UnloadLoRAReq -> adapter
         self.dead: str | None = None  # why the scheduler is gone
+        self.draining = False  # SIGTERM: new generations are refused, running ones finish
+        queued = args.max_queued_requests
+        self.max_open = None if queued is None else args.max_running_requests + queued
         self.last_output_at = 0.0
         # A plain (blocking-API) PUSH with no high-water mark never blocks, so aborts can be
         # sent from `finally` blocks of cancelled coroutines.
@@ -108,6 +111,8 @@ class TokenizerManager:
         `request`: the starlette Request of a non-streaming call, polled for disconnects
         (streams need not: starlette cancels them)."""
         self.check_alive()
+        if not internal:
+            self.check_capacity(len(reqs))
         for r in reqs:
             if r.rid in self.states:
                 raise APIError(
@@ -238,6 +243,31 @@ class TokenizerManager:
     def check_alive(self) -> None:
         if self.dead:
             raise APIError(503, self.dead, code="scheduler_unavailable")
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+
+    def check_capacity(self, count: int) -> None:
+        """--max-queued-requests: refuse `count` more scheduler requests with a 503 (and
+        Retry-After) rather than queue without bound. Route handlers call it before a stream
+        starts, so the status can still say so; generate() checks again."""
+        if self.max_open is None:
+            return
+        if count > self.max_open:
+            raise APIError(
+                400,
+                f"this request needs {count} sequences (prompts × n); this server holds at "
+                f"most {self.max_open} (--max-running-requests + --max-queued-requests)",
+                "n",
+                "too_many_sequences",
+            )
+        if len(self.states) + count > self.max_open:
+            raise APIError(
+                503,
+                f"the server is at capacity ({len(self.states)} sequences running or queued, "
+                f"at most {self.max_open}); retry later",
+                code="server_overloaded",
+                headers={"Retry-After": "1"},
+            )
 
     async def _rpc(self, msg: Any, timeout: float | None = RPC_TIMEOUT_S) -> Any:
         self.check_alive()

@@ -3,6 +3,8 @@
 
 The scheduler trusts its input (an out-of-vocabulary id would crash the forward pass), so
 everything user-controlled is checked here and rejected with a 4xx `APIError` naming the field.
+Text longer than any prompt that could fit the context is refused before it is tokenized:
+tokenizing runs on the event loop, so megabytes of text would stall every other request.
 """
 
 from __future__ import annotations
@@ -12,6 +14,17 @@ from typing import Any
 from sglora.messages import SamplingParams, SchedulerReady
 from sglora.server.errors import APIError, bad_value
 
+MAX_STOP_STRINGS = 32  # each is matched against the text after every token
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+
+
+def max_token_bytes(tokenizer: Any) -> int:
+    """Longest UTF-8 length of a vocabulary entry (as stored: byte-level BPE stores a byte as
+    a 1-2 byte character, so this over-counts, which only loosens the bound)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return max((len(t.encode("utf-8", "replace")) for t in vocab), default=64)
+
 
 class InputChecker:
     def __init__(self, tokenizer: Any, ready: SchedulerReady, model_name: str):
@@ -20,8 +33,24 @@ class InputChecker:
         self.kv_capacity = ready.kv_capacity
         bos = getattr(tokenizer, "bos_token_id", None)
         self.health_token = bos if isinstance(bos, int) and 0 <= bos < self.vocab_size else 0
+        # no token covers more text than this, so a longer text has more tokens than fit
+        self.max_text_bytes = self.context_len * max_token_bytes(tokenizer)
+
+    def check_text_length(self, text: str, param: str) -> None:
+        if len(text) <= self.max_text_bytes // 4:  # 4: the most UTF-8 bytes of a character
+            return
+        size = len(text.encode("utf-8", "replace"))
+        if size > self.max_text_bytes:
+            raise APIError(
+                400,
+                f"{param} is {size} bytes of text: more tokens than this model's maximum "
+                f"context length of {self.context_len} tokens can hold",
+                param,
+                "context_length_exceeded",
+            )
 
     def encode(self, text: str, param: str) -> list[int]:
+        self.check_text_length(text, param)
         ids = self.tokenizer.encode(text)
         if not ids:
             raise bad_value(f"{param} is empty", param)
@@ -42,6 +71,7 @@ class InputChecker:
         return self.encode_raw(text, "messages")
 
     def encode_raw(self, text: str, param: str) -> list[int]:
+        self.check_text_length(text, param)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if not ids:
             raise bad_value(f"{param} is empty", param)
@@ -96,9 +126,28 @@ class InputChecker:
         """SamplingParams.verify, with the failing field renamed to the API's name for it."""
         try:
             sp.verify(self.vocab_size)
+            _check_stops(sp)
         except ValueError as e:
             message = str(e)
             field = message.split(" ", 1)[0]
             name = (names or {}).get(field, field)
             raise bad_value(name + message[len(field) :], name) from None
         return sp
+
+
+def _check_stops(sp: SamplingParams) -> None:
+    """Bounds on what is matched after every generated token (ValueError naming the field)."""
+    if len(sp.stop) > MAX_STOP_STRINGS:
+        raise ValueError(
+            f"stop holds {len(sp.stop)} strings; at most {MAX_STOP_STRINGS} are allowed"
+        )
+    longest = max((len(s) for s in sp.stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise ValueError(
+            f"stop holds a string of {longest} characters; at most {MAX_STOP_CHARS} are allowed"
+        )
+    if len(sp.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(
+            f"stop_token_ids holds {len(sp.stop_token_ids)} ids; at most "
+            f"{MAX_STOP_TOKEN_IDS} are allowed"
+        )
