@@ -5,11 +5,13 @@ model and server info, cache flush, Prometheus metrics, version.
 `check_integrity()`, so a test can check through the server that everything was freed:
 once idle and after /flush_cache, `kv_used_tokens` is 0. Its `lora` part shows the adapter
 slots (which adapter each holds, the pinned ones) and the slot pool's own integrity check.
+
+sglang-router, in front of several replicas, reads /health, /server_info and /model_info
+(aliases of the /get_ names) and /get_load from each worker (docs/deploy.md).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 from typing import Any
 
@@ -18,7 +20,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from sglora.messages import LoRAStats
+from sglora.server.auth import public_args
 from sglora.server.errors import APIError, error_body
+from sglora.server.procinfo import server_memory
 from sglora.server.tokenizer_manager import TokenizerManager
 
 router = APIRouter()
@@ -59,6 +63,7 @@ async def health_generate(request: Request) -> Response:
 
 
 @router.get("/get_model_info")
+@router.get("/model_info")  # the name sglang-router asks first (docs/deploy.md)
 async def get_model_info(request: Request) -> dict[str, Any]:
     tm: TokenizerManager = request.app.state.tm
     args, ready = tm.args, tm.ready
@@ -75,11 +80,13 @@ async def get_model_info(request: Request) -> dict[str, Any]:
 
 
 @router.get("/get_server_info")
+@router.get("/server_info")  # the name sglang-router asks first
 async def get_server_info(request: Request) -> dict[str, Any]:
     tm: TokenizerManager = request.app.state.tm
     stats = await tm.get_stats(check_lora=True)
     return {
-        **dataclasses.asdict(tm.args),
+        **public_args(tm.args),  # API keys only as "<set>"
+        "memory": server_memory(tm.ready.pid),
         "version": _version(),
         "scheduler_pid": tm.ready.pid,
         "device": tm.ready.device,
@@ -95,6 +102,22 @@ async def get_server_info(request: Request) -> dict[str, Any]:
         "open_requests": len(tm.states),
         "lora": _lora_info(stats.lora),
     }
+
+
+@router.get("/get_load")
+async def get_load(request: Request) -> list[dict[str, Any]]:
+    """SGLang's load report, one entry per data-parallel rank (we have one): what
+    sglang-router's load monitor reads for its load-aware policies."""
+    tm: TokenizerManager = request.app.state.tm
+    stats = await tm.get_stats()
+    return [
+        {
+            "dp_rank": 0,
+            "num_reqs": stats.running + stats.waiting,
+            "num_waiting_reqs": stats.waiting,
+            "num_tokens": stats.kv_used_tokens,
+        }
+    ]
 
 
 def _lora_info(lora: LoRAStats | None) -> dict[str, Any] | None:
