@@ -2,10 +2,13 @@
 the model (so a 30B config takes seconds): for benchmarks and load tests.
 
     python scripts/make_adapters.py --config benchmarks/configs/qwen3-30b-a3b --out /tmp/adapters \
-        --num 8 --rank 16 --targets attn experts [--shared-outer] [--dtype bfloat16]
+        --num 8 --rank 16 --targets attn experts [--shared-outer] [--dtype bfloat16] [--device cuda]
 
-Experts use `target_parameters` on the fused expert tensors (transformers 5 / PEFT 0.21 layout:
-A [E·r, in] expert-major, B [out, r·E] expert-minor); attention uses q/k/v/o modules.
+Targets: `attn` (q/k/v/o modules), `experts` (`target_parameters` on the fused expert tensors of
+every sparse layer, transformers 5 / PEFT 0.21 layout: A [E·r, in] expert-major, B [out, r·E]
+expert-minor), `mlp` (gate/up/down modules of dense layers, and of the shared expert of MoE
+layers that have one). `--device cuda` draws the random weights on the GPU: a rank-16
+attention + experts adapter of a 30B MoE is ~0.6 G numbers, minutes on one CPU core.
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ def _expert_minor(b: torch.Tensor) -> torch.Tensor:
     return b.permute(1, 2, 0).reshape(b.shape[1], -1)
 
 
+def _num_experts(cfg) -> int:
+    return getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0
+
+
+def is_sparse(cfg, layer: int) -> bool:
+    """Whether a layer's MLP is routed experts (Qwen MoE configs may keep some layers dense)."""
+    if not _num_experts(cfg) or layer in (getattr(cfg, "mlp_only_layers", None) or []):
+        return False
+    return (layer + 1) % (getattr(cfg, "decoder_sparse_step", None) or 1) == 0
+
+
 def adapter_tensors(
     cfg,
     rank: int,
@@ -40,13 +54,18 @@ def adapter_tensors(
     h = cfg.hidden_size
     d = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
     q, kv = cfg.num_attention_heads * d, (cfg.num_key_value_heads or cfg.num_attention_heads) * d
-    e = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", 0)
+    e = _num_experts(cfg)
     inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    shared = getattr(cfg, "shared_expert_intermediate_size", None)
 
     def rnd(*shape):
         return (torch.randn(shape, generator=gen, device=gen.device) * std).to(dtype).cpu()
 
     out: dict[str, torch.Tensor] = {}
+
+    def module(key: str, o: int, i: int) -> None:  # a plain linear: A [r, in], B [out, r]
+        out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = rnd(rank, i), rnd(o, rank)
+
     for layer in range(cfg.num_hidden_layers):
         if "attn" in targets:
             for name, o, i in (
@@ -55,21 +74,32 @@ def adapter_tensors(
                 ("v_proj", kv, h),
                 ("o_proj", h, q),
             ):
-                k = f"{PRE}.{layer}.self_attn.{name}"
-                out[f"{k}.lora_A.weight"], out[f"{k}.lora_B.weight"] = rnd(rank, i), rnd(o, rank)
-        if "experts" in targets:
-            if not e:
-                raise SystemExit("--targets experts needs an MoE config")
+                module(f"{PRE}.{layer}.self_attn.{name}", o, i)
+        if "mlp" in targets:
+            if not is_sparse(cfg, layer):
+                mlp, width = f"{PRE}.{layer}.mlp", cfg.intermediate_size
+            else:  # a sparse layer: its shared expert, if it has one
+                mlp, width = f"{PRE}.{layer}.mlp.shared_expert", shared
+            if width:
+                module(f"{mlp}.gate_proj", width, h)
+                module(f"{mlp}.up_proj", width, h)
+                module(f"{mlp}.down_proj", h, width)
+        if "experts" in targets and is_sparse(cfg, layer):
             ea = 1 if shared_outer else e
             k = f"{PRE}.{layer}.mlp.experts"
             out[f"{k}.base_layer.lora_A.weight"] = rnd(ea * rank, h)
             out[f"{k}.base_layer.lora_B.weight"] = _expert_minor(rnd(e, 2 * inter, rank))
             out[f"{k}.lora_A.weight"] = rnd(e * rank, inter)
             out[f"{k}.lora_B.weight"] = _expert_minor(rnd(ea, h, rank))
+    if not out:
+        raise SystemExit(f"--targets {' '.join(targets)}: nothing to adapt in this config")
     return out
 
 
 def adapter_config(rank: int, targets: list[str], base: str) -> dict:
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj"] if "attn" in targets else []
+    if "mlp" in targets:
+        modules += ["gate_proj", "up_proj", "down_proj"]
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -78,7 +108,7 @@ def adapter_config(rank: int, targets: list[str], base: str) -> dict:
         "lora_alpha": 2 * rank,
         "lora_dropout": 0.0,
         "bias": "none",
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"] if "attn" in targets else [],
+        "target_modules": modules,
         "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
         if "experts" in targets
         else None,
@@ -92,17 +122,18 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument(
-        "--targets", nargs="+", default=["attn", "experts"], choices=["attn", "experts"]
+        "--targets", nargs="+", default=["attn", "experts"], choices=["attn", "experts", "mlp"]
     )
     ap.add_argument("--shared-outer", action="store_true")
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="where random weights are drawn (cuda: fast)")
     a = ap.parse_args()
     cfg = AutoConfig.from_pretrained(a.config)
     for i in tqdm(range(a.num), desc="adapters"):
         d = Path(a.out) / f"lora{i}"
         d.mkdir(parents=True, exist_ok=True)
-        gen = torch.Generator().manual_seed(a.seed + i)
+        gen = torch.Generator(device=a.device).manual_seed(a.seed + i)
         tensors = adapter_tensors(cfg, a.rank, a.targets, a.shared_outer, DTYPES[a.dtype], gen)
         save_file(
             {k: v.contiguous() for k, v in tensors.items()}, str(d / "adapter_model.safetensors")

@@ -11,9 +11,17 @@ from sglora.engine import Engine
 from sglora.testing.tiny import tiny_model_path
 
 
-@pytest.mark.parametrize("extra", [[], ["--shared-outer"]])
-def test_made_adapters_load_and_apply(tmp_path, extra):
-    model = tiny_model_path("qwen3_moe")
+@pytest.mark.parametrize(
+    "family, extra",
+    [
+        ("qwen3_moe", []),
+        ("qwen3_moe", ["--shared-outer"]),
+        ("llama", ["--targets", "attn", "mlp"]),  # a dense model: its MLP
+        ("qwen2_moe", ["--targets", "experts", "mlp"]),  # experts and the shared expert
+    ],
+)
+def test_made_adapters_load_and_apply(tmp_path, family, extra):
+    model = tiny_model_path(family)
     subprocess.run(
         [
             sys.executable,
@@ -37,7 +45,7 @@ def test_made_adapters_load_and_apply(tmp_path, extra):
         model_path=str(model),
         device="cpu",
         lora_paths=(f"a={tmp_path / 'lora0'}", f"b={tmp_path / 'lora1'}"),
-        experts_shared_outer_loras=bool(extra),
+        experts_shared_outer_loras="--shared-outer" in extra,
     )
     sp = {"max_new_tokens": 4, "temperature": 0.0, "ignore_eos": True}
     outs = engine.generate(
