@@ -185,3 +185,70 @@ def wait_idle(http: httpx.Client, timeout: float = 30) -> dict:
             return info
         assert time.monotonic() < deadline, f"server not idle after {timeout} s: {info}"
         time.sleep(0.05)
+
+
+# ---- the locked-down server of the security tests (test_auth, test_limits, test_adapter_safety,
+# test_faults): API keys, small limits, one running request, adapters only from one directory
+
+USER_KEY, ADMIN_KEY = "user-key-0123", "admin-key-4567"
+SECURE_MAX_BYTES = 65536
+SECURE_MAX_OPEN = 3  # --max-running-requests 1 + --max-queued-requests 2
+SECURE_MAX_RANK = 8
+SECURE_MAX_LORA_GB = 0.0002  # 200 kB: the tiny attention adapter fits, embed_head does not
+
+
+@pytest.fixture(scope="session")
+def allowed_dir(tmp_path_factory) -> Path:
+    """--lora-allowed-dirs of the secure server, holding a copy of the attention adapter."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("allowed")
+    shutil.copytree(tiny_adapter_paths("qwen3_moe", "attn")[0], d / "attn")
+    return d
+
+
+@pytest.fixture(scope="session")
+def secure_server(model_path, allowed_dir, tmp_path_factory):
+    srv = start_server(
+        [
+            "--model-path",
+            model_path,
+            "--served-model-name",
+            MODEL,
+            "--admin-api-key",
+            ADMIN_KEY,
+            "--max-request-bytes",
+            str(SECURE_MAX_BYTES),
+            "--max-running-requests",
+            "1",
+            "--max-queued-requests",
+            str(SECURE_MAX_OPEN - 1),
+            "--enable-lora",
+            "--max-lora-rank",
+            str(SECURE_MAX_RANK),
+            "--max-lora-size-gb",
+            str(SECURE_MAX_LORA_GB),
+            "--lora-allowed-dirs",
+            str(allowed_dir),
+            "--disable-lora-hub-download",
+        ],
+        tmp_path_factory.mktemp("secure_server") / "server.log",
+        env={"SGLORA_API_KEY": USER_KEY, "OMP_NUM_THREADS": "1"},  # the key from the env
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def secure_http(secure_server):
+    """A client with the user key."""
+    headers = {"Authorization": f"Bearer {USER_KEY}"}
+    with httpx.Client(base_url=secure_server.url, timeout=60, headers=headers) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def admin_http(secure_server):
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with httpx.Client(base_url=secure_server.url, timeout=60, headers=headers) as client:
+        yield client
