@@ -18,7 +18,6 @@ import datetime
 import json
 import logging
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,13 @@ from sglora.bench_serving import server
 from sglora.bench_serving.client import BACKENDS, Backend, BackendOptions
 from sglora.bench_serving.report import format_row, summarize
 from sglora.bench_serving.runner import run_load
-from sglora.bench_serving.workload import AdapterMix, arrival_times, build_requests, read_jsonl
+from sglora.bench_serving.workload import (
+    AdapterMix,
+    BenchRequest,
+    arrival_times,
+    build_requests,
+    read_jsonl,
+)
 
 logger = logging.getLogger("sglora.bench_serving")
 
@@ -205,16 +210,25 @@ def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text(json.dumps(old + rows, indent=1) + "\n")
 
 
-def warm_up(backend: Backend, args: argparse.Namespace, requests: list) -> None:
+def make_requests(
+    args: argparse.Namespace, tokenizer: Any, n: int, seed: int, output_len: int
+) -> list[BenchRequest]:
+    mix, dataset = adapter_mix(args), read_jsonl(args.dataset) if args.dataset else None
+    return build_requests(
+        n, tokenizer, mix, args.input_len, output_len, args.input_range, args.output_range,
+        seed, dataset,
+    )  # fmt: skip
+
+
+def warm_up(backend: Backend, args: argparse.Namespace, tokenizer: Any) -> None:
     """A few short requests at once: JIT compilation and first-use costs stay out of the runs,
-    and a wrong URL, model or adapter name stops the benchmark before it starts."""
+    and a wrong URL, model or adapter name stops the benchmark before it starts. They are
+    drawn with another seed: the measured requests' adapters must not be preloaded for them."""
     if args.warmup_requests <= 0:
         return
-    reqs = [replace(r, output_len=min(r.output_len, 16)) for r in requests[: args.warmup_requests]]
+    reqs = make_requests(args, tokenizer, args.warmup_requests, args.seed + 1, 16)
     run = asyncio.run(
-        run_load(
-            backend, reqs, [0.0] * len(reqs), request_timeout=args.request_timeout, desc="warm-up"
-        )
+        run_load(backend, reqs, [0.0] * len(reqs), request_timeout=args.request_timeout)
     )
     bad = [r for r in run.results if not r.ok]
     if len(bad) == len(reqs):
@@ -222,6 +236,7 @@ def warm_up(backend: Backend, args: argparse.Namespace, requests: list) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Runs the sweep; returns the rows it appended."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     args = parse_args(argv)
@@ -233,22 +248,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     tokenizer = load_tokenizer(args, headers)
     device = args.device_name or info.get("device") or "unknown"
     results = Path(args.results or f"benchmarks/results/serving_{server.device_slug(device)}.json")
-    mix = adapter_mix(args)
-    dataset = read_jsonl(args.dataset) if args.dataset else None
-    requests = build_requests(
-        args.num_prompts,
-        tokenizer,
-        mix,
-        args.input_len,
-        args.output_len,
-        args.input_range,
-        args.output_range,
-        args.seed,
-        dataset,
-    )
+    requests = make_requests(args, tokenizer, args.num_prompts, args.seed, args.output_len)
     opts = BackendOptions(args.base_url, model, args.api_key, args.ignore_eos, args.temperature)
     backend = BACKENDS[args.backend](opts, tokenizer)
-    warm_up(backend, args, requests)
+    warm_up(backend, args, tokenizer)
+    mix = adapter_mix(args)
     meta = {
         "label": args.label or default_label(mix),
         "backend": args.backend,
@@ -264,26 +268,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     }
     rows = []
     for i, r in enumerate(args.request_rate):
-        arrivals = arrival_times(
-            len(requests), r, args.arrival, np.random.default_rng(args.seed + i)
-        )
-        before = server.slot_loads(args.base_url, headers)
-        run = asyncio.run(
-            run_load(
-                backend,
-                requests,
-                arrivals,
-                args.max_concurrency,
-                args.max_duration,
-                args.drain_timeout,
-                args.request_timeout,
-                desc=f"rate {r:g}",
-            )
-        )
-        row = {**meta, "request_rate": jsonable(r), "date": _now(), **summarize(run)}
-        row |= _slot_load_fields(before, server.slot_loads(args.base_url, headers), run.duration)
+        row = meta | run_rate(backend, args, requests, i, r, headers)
         logger.info(format_row(row))
-        append_rows(results, [row])
+        append_rows(results, [row])  # after each rate: a sweep cut short keeps its runs
         rows.append(row)
     logger.info("appended %d rows to %s", len(rows), results)
     if args.plot_dir:
@@ -292,6 +279,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for p in plot_file(results, args.plot_dir):
             logger.info("wrote %s", p)
     return rows
+
+
+def run_rate(
+    backend: Backend,
+    args: argparse.Namespace,
+    requests: list[BenchRequest],
+    index: int,
+    rate: float,
+    headers: dict[str, str],
+) -> dict[str, Any]:
+    """One run at one request rate: its measured fields (the row without the sweep's meta)."""
+    rng = np.random.default_rng(args.seed + index)
+    arrivals = arrival_times(len(requests), rate, args.arrival, rng)
+    before = server.slot_loads(args.base_url, headers)
+    run = asyncio.run(
+        run_load(
+            backend, requests, arrivals, args.max_concurrency, args.max_duration,
+            args.drain_timeout, args.request_timeout, desc=f"rate {rate:g}",
+        )
+    )  # fmt: skip
+    row = {"request_rate": jsonable(rate), "date": _now(), **summarize(run)}
+    after = server.slot_loads(args.base_url, headers)
+    return row | _slot_load_fields(before, after, run.duration)
 
 
 def _slot_load_fields(

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# On the GPU machine: the serving benchmark (python -m sglora.bench_serving) against sglora
+# serving Qwen3-30B-A3B with dummy weights and random rank-16 adapters (attention + every
+# expert), in four scenarios, each a sweep of request rates up to saturation (rate inf):
+#   a  base only                          server 1 (64 adapter names, 8 slots)
+#   b  8 adapters, uniform                server 1
+#   c  64 adapters, Zipf(1.0), 20% base   server 1 (adapters rotate through the 8 slots)
+#   d  256 adapters, uniform              server 2 (--max-loras-per-batch $D_SLOTS, rotating)
+# Rows go to benchmarks/results/serving_<device>.json; that file, the PNG charts, the bench log
+# and the servers' log tails are copied to $OUT.
+#
+# Needs the wheels the image lacks: run scripts/prepare_device_wheels.sh here first and carry
+# `.whl` (and `.cache` to skip building the tiny tokenizer). Then, on the device:
+#   scripts/device_serving.sh                      # all four, ~8 min on an H200
+#   SCENARIOS="a b" RATES="16 inf" scripts/device_serving.sh
+# Adapter files: $DISTINCT distinct checkpoints, served under many names (the server parses each
+# file once): 256 distinct rank-16 expert adapters would be 320 GB. Every name still gets its own
+# slot load, so rotation costs what distinct adapters would.
+# Everything is bounded by BUDGET_S: a scenario that would not finish in time is skipped.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+T0=$(date +%s)
+BUDGET_S=${BUDGET_S:-530}          # s, the whole script: start-ups, adapters and sweeps
+SCENARIOS=${SCENARIOS:-a b c d}
+RATES=${RATES:-8 32 inf}           # req/s for a, b, c
+D_RATES=${D_RATES:-1 4 inf}        # d is bound by slot loads: lower rates
+NUM_PROMPTS=${NUM_PROMPTS:-256}    # per rate (a, b, c); inf sends them all at once
+D_NUM_PROMPTS=${D_NUM_PROMPTS:-64}
+MAX_DURATION=${MAX_DURATION:-10}   # s: no request sent after this in a rate's run
+DRAIN=${DRAIN:-30}                 # s after the last send before open requests are cancelled
+INPUT_LEN=${INPUT_LEN:-512} OUTPUT_LEN=${OUTPUT_LEN:-128} LEN_RANGE=${LEN_RANGE:-0}
+RANK=${RANK:-16} DISTINCT=${DISTINCT:-8} TARGETS=${TARGETS:-attn experts}
+ABC_SLOTS=${ABC_SLOTS:-8} D_SLOTS=${D_SLOTS:-16}
+MODEL=${MODEL:-benchmarks/configs/qwen3-30b-a3b}
+ADAPTERS=${ADAPTER_DIR:-/dev/shm/sglora-serving-adapters}
+PORT=${PORT:-30123}
+SERVER_TIMEOUT=${SERVER_TIMEOUT:-420}
+OUT=${OUT:-/tmp/sglora-serving}
+mkdir -p "$OUT"
+
+if [ "${WHEELS:-1}" = 1 ]; then # WHEELS=0: the packages are installed already
+    [ -d .whl ] || { echo "error: no .whl: run scripts/prepare_device_wheels.sh, carry .whl" && exit 2; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 2
+fi
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TQDM_DISABLE=1 # progress bars would fill the log
+export SGLORA_CACHE_DIR=${SGLORA_CACHE_DIR:-$PWD/.cache/sglora}
+LOG="$OUT/bench.log"
+log() { echo "[$(($(date +%s) - T0)) s] $*" | tee -a "$LOG"; }
+left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
+
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+GPU=${GPU:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)}
+SLUG=$(python3 -c "from sglora.bench_serving.server import device_slug; print(device_slug('$GPU'))")
+RESULTS=${RESULTS:-benchmarks/results/serving_$SLUG.json}
+# the tiny tokenizer (vocab 1024): prompts of exact lengths; dummy weights need no real one
+TOK=$(python3 -c "from sglora.testing.tiny import tiny_model_path; print(tiny_model_path('qwen3_moe'))")
+log "device $GPU, tokenizer $TOK, results $RESULTS"
+
+# ~1.3 GB a rank-16 adapter: /dev/shm if it holds them, else the disk
+shm_gb=$(df --output=avail -BG /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)
+[ -z "${ADAPTER_DIR:-}" ] && [ "${shm_gb:-0}" -lt $((2 * DISTINCT)) ] && ADAPTERS=/tmp/sglora-serving-adapters
+if [ ! -f "$ADAPTERS/lora$((DISTINCT - 1))/adapter_model.safetensors" ]; then
+    # shellcheck disable=SC2086
+    python3 scripts/make_adapters.py --config "$MODEL" --out "$ADAPTERS" --num "$DISTINCT" \
+        --rank "$RANK" --targets $TARGETS --device "${GEN_DEVICE:-cuda}" >>"$LOG" 2>&1 || exit 1
+fi
+du -sh "$ADAPTERS" | tee -a "$LOG"
+log "adapters ready"
+
+SERVER_PID=
+start_server() { # $1: name, $2: adapter names, $3: slots
+    local specs=() i
+    for ((i = 0; i < $2; i++)); do specs+=("lora$i=$ADAPTERS/lora$((i % DISTINCT))"); done
+    python3 -m sglora.launch_server --model-path "$MODEL" --tokenizer-path "$TOK" \
+        --load-format dummy --served-model-name qwen3-30b-a3b --port "$PORT" \
+        --max-loras-per-batch "$3" --max-lora-rank "$RANK" --lora-paths "${specs[@]}" \
+        >"$OUT/server_$1.log" 2>&1 &
+    SERVER_PID=$!
+    python3 - "$PORT" "$SERVER_PID" "$SERVER_TIMEOUT" <<'EOF' || return 1
+import os, sys, time, urllib.request
+port, pid, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+end = time.time() + timeout
+while time.time() < end:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit("server exited during start-up")
+    try:
+        if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200:
+            sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(1)
+sys.exit(f"server not healthy after {timeout} s")
+EOF
+}
+stop_server() {
+    [ -n "$SERVER_PID" ] || return 0
+    kill -TERM "$SERVER_PID" 2>/dev/null
+    wait "$SERVER_PID" 2>/dev/null
+    SERVER_PID=
+}
+trap stop_server EXIT
+
+bench() { # $1: label, $2: rates, $3: prompts, then more bench flags
+    local label=$1 rates=$2 prompts=$3
+    shift 3
+    # shellcheck disable=SC2086
+    timeout $(($(left) > 30 ? $(left) : 30)) python3 -m sglora.bench_serving --backend sglang \
+        --base-url "http://127.0.0.1:$PORT" --tokenizer "$TOK" --device-name "$GPU" \
+        --results "$RESULTS" --label "$label" --request-rate $rates --num-prompts "$prompts" \
+        --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --input-range "$LEN_RANGE" \
+        --output-range "$LEN_RANGE" --max-duration "$MAX_DURATION" --drain-timeout "$DRAIN" \
+        --warmup-requests 8 --notes "scripts/device_serving.sh, rank $RANK $TARGETS, dummy" \
+        "$@" 2>&1 | tee -a "$LOG"
+}
+has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+fits() { # $1: scenario, $2: rates, $3: s more; whether its sweep fits the time left
+    local need=$((${3:-0} + $(wc -w <<<"$2") * (MAX_DURATION + DRAIN / 2 + 10)))
+    [ "$(left)" -gt "$need" ] && return 0
+    log "skipped $1: $(left) s left, it needs about $need s"
+    return 1
+}
+
+if has a || has b || has c; then
+    log "server 1: 64 adapter names, $ABC_SLOTS slots"
+    if start_server abc 64 "$ABC_SLOTS"; then
+        log "server 1 ready"
+        has a && fits a "$RATES" && bench "a: base" "$RATES" "$NUM_PROMPTS"
+        has b && fits b "$RATES" && bench "b: 8 uniform" "$RATES" "$NUM_PROMPTS" --num-adapters 8
+        has c && fits c "$RATES" && bench "c: 64 zipf1 +20% base" "$RATES" "$NUM_PROMPTS" \
+            --num-adapters 64 --adapter-dist zipf --zipf-alpha 1.0 --base-fraction 0.2
+    else
+        log "server 1 failed to start: see server_abc.log"
+    fi
+    stop_server
+fi
+if has d; then
+    if fits d "$D_RATES" 90; then # 90: the server's start
+        log "server 2: 256 adapter names, $D_SLOTS slots"
+        if start_server d 256 "$D_SLOTS"; then
+            log "server 2 ready"
+            bench "d: 256 uniform, $D_SLOTS slots" "$D_RATES" "$D_NUM_PROMPTS" --num-adapters 256
+        else
+            log "server 2 failed to start: see server_d.log"
+        fi
+        stop_server
+    fi
+fi
+
+cp "$RESULTS" "$OUT/" 2>/dev/null
+if python3 -c "import matplotlib" 2>/dev/null; then
+    python3 -m sglora.bench_serving.plot "$RESULTS" --out-dir "$OUT" | tee -a "$LOG"
+else
+    log "no matplotlib here: plot at home with python -m sglora.bench_serving.plot $RESULTS"
+fi
+for f in "$OUT"/server_*.log; do # the start-up and the end are what matter
+    [ -f "$f" ] && { head -60 "$f" && echo ... && tail -60 "$f"; } >"$f.tail" && mv "$f.tail" "$f"
+done
+log "done in $(($(date +%s) - T0)) s"
