@@ -98,7 +98,11 @@ EOF
 }
 stop_server() {
     [ -n "$SERVER_PID" ] || return 0
-    kill -TERM "$SERVER_PID" 2>/dev/null
+    kill -TERM "$SERVER_PID" 2>/dev/null # a graceful drain, but not past the budget
+    for _ in $(seq 20); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 1; done
+    if kill -KILL "$SERVER_PID" 2>/dev/null; then
+        sleep 5 # its scheduler exits within a second of it, and frees the GPU
+    fi
     wait "$SERVER_PID" 2>/dev/null
     SERVER_PID=
 }
