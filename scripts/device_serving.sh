@@ -5,13 +5,14 @@
 #   a  base only                          server 1 (64 adapter names, 8 slots)
 #   b  8 adapters, uniform                server 1
 #   c  64 adapters, Zipf(1.0), 20% base   server 1 (adapters rotate through the 8 slots)
-#   d  256 adapters, uniform              server 2 (--max-loras-per-batch $D_SLOTS, rotating)
+#   d  256 adapters, uniform              server 2 (--max-loras-per-batch $D_SLOTS, rotating;
+#                                         a list of slot counts runs a server each)
 # Rows go to benchmarks/results/serving_<device>.json; that file, the PNG charts, the bench log
 # and the servers' log tails are copied to $OUT.
 #
 # Needs the wheels the image lacks: run scripts/prepare_device_wheels.sh here first and carry
-# `.whl` (and `.cache` to skip building the tiny tokenizer). Then, on the device:
-#   scripts/device_serving.sh                      # all four, ~8 min on an H200
+# `.whl`. Then, on the device:
+#   scripts/device_serving.sh                      # all four, within BUDGET_S
 #   SCENARIOS="a b" RATES="16 inf" scripts/device_serving.sh
 # Adapter files: $DISTINCT distinct checkpoints, served under many names (the server parses each
 # file once): 256 distinct rank-16 expert adapters would be 320 GB. Every name still gets its own
@@ -30,7 +31,7 @@ MAX_DURATION=${MAX_DURATION:-10}   # s: no request sent after this in a rate's r
 DRAIN=${DRAIN:-30}                 # s after the last send before open requests are cancelled
 INPUT_LEN=${INPUT_LEN:-512} OUTPUT_LEN=${OUTPUT_LEN:-128} LEN_RANGE=${LEN_RANGE:-0}
 RANK=${RANK:-16} DISTINCT=${DISTINCT:-8} TARGETS=${TARGETS:-attn experts}
-ABC_SLOTS=${ABC_SLOTS:-8} D_SLOTS=${D_SLOTS:-16}
+ABC_SLOTS=${ABC_SLOTS:-8} D_SLOTS=${D_SLOTS:-16} # D_SLOTS="8 16 32": a server each
 MODEL=${MODEL:-benchmarks/configs/qwen3-30b-a3b}
 ADAPTERS=${ADAPTER_DIR:-/dev/shm/sglora-serving-adapters}
 PORT=${PORT:-30123}
@@ -141,18 +142,17 @@ if has a || has b || has c; then
     fi
     stop_server
 fi
-if has d; then
-    if fits d "$D_RATES" 90; then # 90: the server's start
-        log "server 2: 256 adapter names, $D_SLOTS slots"
-        if start_server d 256 "$D_SLOTS"; then
-            log "server 2 ready"
-            bench "d: 256 uniform, $D_SLOTS slots" "$D_RATES" "$D_NUM_PROMPTS" --num-adapters 256
-        else
-            log "server 2 failed to start: see server_d.log"
-        fi
-        stop_server
+for slots in $D_SLOTS; do # "8 16 32": one server each, as long as the budget lasts
+    has d && fits "d with $slots slots" "$D_RATES" 90 || continue # 90: the server's start
+    log "server 2: 256 adapter names, $slots slots"
+    if start_server "d$slots" 256 "$slots"; then
+        log "server 2 ready"
+        bench "d: 256 uniform, $slots slots" "$D_RATES" "$D_NUM_PROMPTS" --num-adapters 256
+    else
+        log "server 2 failed to start: see server_d$slots.log"
     fi
-fi
+    stop_server
+done
 
 cp "$RESULTS" "$OUT/" 2>/dev/null
 if python3 -c "import matplotlib" 2>/dev/null; then
