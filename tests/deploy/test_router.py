@@ -2,7 +2,9 @@
 mixed adapter traffic through the router's OpenAI endpoints gives exactly what a replica gives
 directly (greedy), each adapter stays on one replica (`--policy manual` keyed by the
 X-SMG-Routing-Key header), and when one replica is killed mid-run every request still succeeds
-on the other. docs/deploy.md describes the same setup for GPUs."""
+on the other. API keys are on, as in production: the replicas read SGLORA_API_KEY, the router
+gets the same key (it checks clients' keys and uses it for its own calls to the replicas).
+docs/deploy.md describes the same setup for GPUs."""
 
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ MODELS = [BASE, *DEMO_ADAPTERS]  # the base model and the demo's three adapters
 PROMPTS = ["The weather today is", "Once upon a time", "def fib(n):"]
 MAX_TOKENS = 8
 ROUTING_HEADER = "X-SMG-Routing-Key"
+API_KEY = "deploy-test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ROUTER_START_S = 60
 # Failover in a test's time: probe health every second, take a worker out after one failed
 # probe or one failed request (circuit breaker), retry a failed request on another worker.
@@ -50,7 +54,7 @@ class Router:
 
     def workers(self) -> dict[str, bool]:
         """worker url -> healthy, as the router sees them."""
-        body = httpx.get(self.url + "/workers", timeout=10).json()
+        body = httpx.get(self.url + "/workers", headers=AUTH, timeout=10).json()
         return {w["url"]: w["is_healthy"] for w in body["workers"]}
 
     def stop(self) -> None:
@@ -69,7 +73,7 @@ def start_router(worker_urls: list[str], log_path: Path) -> Router:
         "--host", "127.0.0.1", "--port", str(port),
         # its Prometheus exporter must not collide with other routers on this machine
         "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
-        "--worker-urls", *worker_urls, *ROUTER_FLAGS,
+        "--worker-urls", *worker_urls, "--api-key", API_KEY, *ROUTER_FLAGS,
     ]  # fmt: skip
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -97,7 +101,9 @@ def replicas(tmp_path_factory) -> list[ServerProc]:
         procs = list(
             pool.map(
                 lambda i: start_server(
-                    ["--demo"], logs / f"replica{i}.log", env={"OMP_NUM_THREADS": "1"}
+                    ["--demo"],
+                    logs / f"replica{i}.log",
+                    env={"OMP_NUM_THREADS": "1", "SGLORA_API_KEY": API_KEY},
                 ),
                 range(2),
             )
@@ -123,7 +129,7 @@ class Call:
 
 def send(base_url: str, call: Call, routed: bool) -> str:
     """The generated text; through the router, with the adapter as the routing key."""
-    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
     headers = {ROUTING_HEADER: call.model} if routed else {}
     common = dict(model=call.model, max_tokens=MAX_TOKENS, temperature=0.0, extra_headers=headers)
     if call.kind == "chat":
@@ -139,7 +145,7 @@ def send(base_url: str, call: Call, routed: bool) -> str:
 
 def requests_by_model(server: ServerProc) -> Counter:
     """sglora:requests_total summed per model label (finished requests)."""
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+    text = httpx.get(server.url + "/metrics", headers=AUTH, timeout=10).text
     counts: Counter = Counter()
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -166,13 +172,18 @@ def expected(replicas) -> dict[Call, str]:
 
 
 def test_replica_answers_the_worker_endpoints_the_router_reads(replicas):
-    http = httpx.Client(base_url=replicas[0].url, timeout=30)
-    assert http.get("/health").status_code == 200
+    assert httpx.get(replicas[0].url + "/health", timeout=30).status_code == 200  # no key
+    http = httpx.Client(base_url=replicas[0].url, headers=AUTH, timeout=30)
     assert http.get("/model_info").json() == http.get("/get_model_info").json()
     info = http.get("/server_info").json()
     assert info["served_model_name"] == BASE and "kv_capacity" in info
     (load,) = http.get("/get_load").json()
     assert load["dp_rank"] == 0 and load["num_reqs"] >= 0 and load["num_tokens"] >= 0
+
+
+def test_router_wants_the_key_from_clients(router):
+    body = {"model": BASE, "prompt": "Hi", "max_tokens": 2}
+    assert httpx.post(router.url + "/v1/completions", json=body, timeout=30).status_code == 401
 
 
 def test_mixed_adapters_through_the_router_match_a_replica_and_stick_to_one(
