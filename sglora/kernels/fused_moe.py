@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sglora.kernels.activation import apply_act
 from sglora.kernels.moe_align import MoEAlignment, moe_align
 from sglora.kernels.moe_common import (
     KERNEL_DTYPES,
@@ -48,15 +49,8 @@ from sglora.kernels.moe_common import (
 
 @triton.jit
 def _gated_act(g, u, ACT: tl.constexpr):
-    """act(g) * u in float32. ACT: 0 silu, 1 gelu (erf), 2 gelu (tanh approximation)."""
-    if ACT == 0:
-        a = g / (1.0 + tl.exp(-g))
-    elif ACT == 1:
-        a = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
-    else:
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = 0.5 * g * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
-    return a * u
+    """act(g) * u in float32 (ACT as in `activation.apply_act`), rounded once at the store."""
+    return apply_act(g, ACT) * u
 
 
 @triton.jit

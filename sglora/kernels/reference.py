@@ -1,9 +1,102 @@
 """PyTorch twins of the Triton kernels in `sglora/kernels/`: the slow, obviously right version
-of each kernel family, which the kernel tests compare against. One section per kernel file."""
+of each kernel family, which the kernel tests compare against. One section per kernel file.
+
+The decoder-layer ops (first section) are also what the layers run on CPU, so they keep the
+model's numerics exactly (float32 where HF upcasts, rounding to the activation dtype where it
+rounds); the other twins compute in float64."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+# ---- decoder-layer ops (norm.py, rotary.py, router.py, activation.py, kv_store.py) -----------
+
+
+def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Twin of `rmsnorm`: over the last dim, normalised in float32, rounded to x's dtype, then
+    scaled by the weight (HF's order of roundings)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def fused_add_rmsnorm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Twin of `fused_add_rmsnorm`: residual += x (in place, in residual's dtype), returns
+    rmsnorm(residual)."""
+    residual.add_(x)
+    return rmsnorm_ref(residual, weight, eps)
+
+
+def _rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, d: int) -> torch.Tensor:
+    t = x.shape[0]
+    x = x.reshape(t, -1, d)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos[:, None] + rotated * sin[:, None]).view(t, -1)
+
+
+def rotary_ref(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    head_dim: int,
+    head_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of `rotary_embedding` (out of place): q [T, Hq·D], k [T, Hk·D], cache [P, 2D]
+    float32 ([cos | sin], each half-duplicated, neox style). With head_norm = (q weight [D],
+    k weight [D], eps) every head is RMS-normalised first (Qwen3). cos/sin are rounded to q's
+    dtype and every product and sum to q's dtype, as HF computes in that dtype."""
+    t = q.shape[0]
+    if head_norm is not None:
+        qw, kw, eps = head_norm
+        q = rmsnorm_ref(q.reshape(t, -1, head_dim), qw, eps).reshape(t, -1)
+        k = rmsnorm_ref(k.reshape(t, -1, head_dim), kw, eps).reshape(t, -1)
+    cos, sin = cos_sin_cache[positions].to(q.dtype).chunk(2, dim=-1)  # [T, D] each
+    return _rotate_neox(q, cos, sin, head_dim), _rotate_neox(k, cos, sin, head_dim)
+
+
+def topk_softmax_ref(
+    logits: torch.Tensor, top_k: int, renormalize: bool, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of `topk_softmax`: [T, E] -> (weights [T, k] out_dtype, ids [T, k] int64), softmax
+    in float32, top-k in descending order, optionally renormalised to sum to one (float32)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(out_dtype), ids
+
+
+GATED_ACTS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def act_and_mul_ref(gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """Twin of `act_and_mul`: [.., 2I] -> [.., I] = act(first half) * second half, each op
+    rounded to the input dtype."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return GATED_ACTS[act](gate) * up
+
+
+def store_kv_ref(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    loc: torch.Tensor,
+) -> None:
+    """Twin of `store_kv`: k_buffer[loc] = k, v_buffer[loc] = v (cast to the buffers' dtype)."""
+    k_buffer[loc] = k.to(k_buffer.dtype)
+    v_buffer[loc] = v.to(v_buffer.dtype)
+
 
 # ---- attention over the paged KV cache (attention_decode.py, attention_extend.py) ----------
 
@@ -138,12 +231,6 @@ def moe_align_ref(
     return [(int(v), (g == v).nonzero().flatten().tolist()) for v in torch.unique(g) if v >= 0]
 
 
-def _gated_act_ref(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-    from sglora.layers.activation import act_and_mul
-
-    return act_and_mul(gate_up, activation)
-
-
 def moe_lora_delta_ref(
     inp: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, experts: torch.Tensor
 ) -> torch.Tensor:
@@ -193,7 +280,7 @@ def fused_moe_ref(
     slots = None if token_slots is None else token_slots.long()[tok]
     if gate_up is not None:
         gu = gu + moe_lora_delta_ref(x[tok], *gate_up, slots, ids)
-    h = _gated_act_ref(gu, activation)
+    h = act_and_mul_ref(gu, activation)
     o = torch.einsum("pi,phi->ph", h, w2[ids].double())
     if down is not None:
         o = o + moe_lora_delta_ref(h.to(x.dtype), *down, slots, ids)

@@ -1,0 +1,95 @@
+"""RMSNorm on the GPU, with the residual add fused in (between `layers/layernorm.py` and Triton):
+one launch per norm instead of the ~9 PyTorch kernels (add, cast, pow, mean, add, rsqrt, mul,
+cast, mul) that the unfused code costs a decoder layer twice.
+
+Math, per row x of N elements, weight w [N], activation dtype τ, ⌊·⌋ = rounding to τ:
+  rmsnorm:            y = ⌊w · ⌊x · rsqrt(Σx²/N + eps)⌋⌋          (x, Σ and rsqrt in float32)
+  fused_add_rmsnorm:  s = ⌊x + r⌋;  r ← s (in place);  y = rmsnorm(s)
+These are the roundings of the PyTorch code (`reference.rmsnorm_ref`, HF's order), so the
+output differs from it only by the order of the float32 sum.
+
+Pointer layouts: x, residual [M, N] with any row stride, last dim contiguous; weight [N];
+out [M, N] contiguous. One program normalises BLOCK_M rows; BLOCK_N >= N holds a whole row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sglora.kernels.moe_common import KERNEL_DTYPES, check_shape, check_tensor
+
+MAX_ROW = 65536  # elements a row may have: the kernel keeps a row in registers
+
+
+@triton.jit
+def _rmsnorm_kernel(
+    x_ptr, r_ptr, w_ptr, out_ptr, M, N, eps, stride_x, stride_r, stride_o,
+    ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    dt = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if ADD:
+        r_ptrs = r_ptr + rows[:, None] * stride_r + cols[None, :]
+        r = tl.load(r_ptrs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(dt)  # rounded as a torch add in τ
+        tl.store(r_ptrs, x, mask=mask)
+    h = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(h * h, axis=1) / N + eps)  # [BLOCK_M]
+    hn = (h * inv[:, None]).to(dt).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = (hn * w[None, :]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y, mask=mask)
+
+
+def _tile(n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): about 2048 elements a program, so that short rows (per-head
+    norms, D = 128) share a program and long ones (hidden 2048+) get one each."""
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, min(64, 2048 // block_n))
+    num_warps = max(1, min(16, block_m * block_n // 256))
+    return block_m, block_n, num_warps
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    n = x.shape[-1]
+    if n > MAX_ROW:
+        raise ValueError(f"rmsnorm: rows of {n} elements exceed {MAX_ROW}")
+    x2 = x.reshape(-1, n)  # a view for [M, N] row-strided inputs and contiguous ones
+    check_tensor("x", x2, 2, KERNEL_DTYPES)
+    check_tensor("weight", weight, 1, (x.dtype,), x.device)
+    check_shape("weight", weight, (n,))
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    m = x2.shape[0]
+    if residual is not None:
+        check_tensor("residual", residual, 2, (x.dtype,), x.device)
+        check_shape("residual", residual, tuple(x2.shape))
+    if m == 0:
+        return out
+    block_m, block_n, num_warps = _tile(n)
+    r = x2 if residual is None else residual
+    _rmsnorm_kernel[(triton.cdiv(m, block_m),)](
+        x2, r, weight, out, m, n, eps, x2.stride(0), r.stride(0), n,
+        ADD=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [..., N] over its last dim (any number of rows) -> new tensor, x's shape
+    and dtype. Two-dim inputs may have any row stride (e.g. the q slice of a qkv output)."""
+    return _launch(x, None, weight, eps)
+
+
+def fused_add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """residual [M, N] += x [M, N] in place; returns rmsnorm(residual) (new tensor)."""
+    if x.dim() != 2:
+        raise ValueError(f"x: expected [M, N], got shape {tuple(x.shape)}")
+    return _launch(x, residual, weight, eps)
