@@ -1,6 +1,6 @@
 # sglora on a GPU node: the CUDA 13.0 runtime, torch 2.11.0 and triton 3.6.0 (the GPU stack the
 # project is tested on; PyPI's torch 2.11.0 Linux wheel is the CUDA 13.0 build and pins that
-# triton), the package with the router extra, run as a non-root user.
+# triton), the package with the router and demo extras, run as a non-root user.
 #
 #   docker build -t sglora .
 #   docker run --gpus all -p 30000:30000 -v hf-cache:/cache/huggingface sglora      # the demo
@@ -35,11 +35,12 @@ RUN pip install $TORCH_SPEC
 WORKDIR /opt/sglora
 COPY pyproject.toml README.md ./
 COPY sglora ./sglora
-# The import proves the installed set works together (torch, triton, fastapi, the router).
+# The import proves the installed set works together (torch, triton, fastapi, the router,
+# peft for --demo); -I keeps the source tree in this directory off sys.path.
 # This project's own source: its dependencies' bounds are in pyproject.toml (DL3013).
 # hadolint ignore=DL3013
-RUN pip install ".[router]" \
-    && python -c "import sglora.server.launch, sglang_router.launch_router"
+RUN pip install ".[router,demo]" \
+    && python -I -c "import sglora.server.launch, sglang_router.launch_router, peft"
 
 # Model weights (HF_HOME) persist in a volume; --demo builds its tiny model under /cache/sglora.
 # A numeric USER lets Kubernetes' runAsNonRoot check it without reading /etc/passwd.

@@ -89,7 +89,7 @@ def test_dockerfile_pip_steps_install_and_import(tmp_path):
     # PYTHON_STEPS would silently go unchecked
     assert len(ran) == 3, ran
     assert ran[0].startswith("python3 -m venv") and "TORCH_SPEC" in ran[1]
-    assert '".[router]"' in ran[2] and "import sglora" in ran[2]
+    assert '".[router,demo]"' in ran[2] and "import sglora" in ran[2]
     venv_python = tmp_path / "image/opt/venv/bin/python"
     out = subprocess.run(
         [str(venv_python), "-c", "import sglora, torch; print(sglora.__file__, torch.__version__)"],
