@@ -1,10 +1,13 @@
-"""RMSNorm with an optional fused residual add (used by every decoder layer and q/k norms)."""
+"""RMSNorm with an optional fused residual add (used by every decoder layer and q/k norms): one
+Triton kernel on CUDA (`kernels/norm.py`), its PyTorch twin elsewhere."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from sglora.kernels import use_triton
+from sglora.kernels.reference import fused_add_rmsnorm_ref, rmsnorm_ref
 from sglora.layers.linear import copy_checked
 
 
@@ -18,12 +21,14 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """`x` normalised; with `residual`, returns (norm(x + residual), x + residual)."""
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(dtype)  # same rounding order as HF
-        return out if residual is None else (out, residual)
+        """`x` normalised; with `residual`, returns (norm(x + residual), x + residual), the sum
+        written into `residual` in place (one kernel reads x and residual once)."""
+        if use_triton(x):
+            from sglora.kernels.norm import fused_add_rmsnorm, rmsnorm
+
+            if residual is None:
+                return rmsnorm(x, self.weight, self.eps)
+            return fused_add_rmsnorm(x, residual, self.weight, self.eps), residual
+        if residual is None:
+            return rmsnorm_ref(x, self.weight, self.eps)
+        return fused_add_rmsnorm_ref(x, residual, self.weight, self.eps), residual

@@ -3,6 +3,8 @@
 Frequencies come from the config's `rope_parameters`: `default` is computed here; `linear`,
 `llama3` and `yarn` use transformers' own init functions so scaling matches HF exactly.
 Types whose frequencies depend on the sequence length (`dynamic`, `longrope`) are refused.
+On CUDA one Triton kernel (`kernels/rotary.py`) rotates q and k in place, after Qwen3's per-head
+q/k RMSNorm when given; elsewhere its PyTorch twin (`kernels/reference.py`) does.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from sglora.kernels import use_triton
+from sglora.kernels.reference import rotary_ref
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -32,18 +37,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cache, persistent=False)  # [P, 2D] float32
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        head_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq*D], k [T, Hk*D] -> rotated, same shapes and dtype."""
-        cos, sin = self.cos_sin_cache[positions].to(q.dtype).chunk(2, dim=-1)  # [T, D] each
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+        """q [T, Hq*D], k [T, Hk*D] -> rotated, same shapes and dtype (on CUDA: q and k
+        themselves, rotated in place). head_norm = (q_norm weight, k_norm weight, eps):
+        RMS-normalise every head first (Qwen3), in the same kernel."""
+        if use_triton(q):
+            from sglora.kernels.rotary import rotary_embedding
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        t = x.shape[0]
-        x = x.view(t, -1, self.head_dim)
-        x1, x2 = x.chunk(2, dim=-1)
-        rotated = torch.cat([-x2, x1], dim=-1)
-        return (x * cos[:, None] + rotated * sin[:, None]).view(t, -1)
+            rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim, head_norm)
+            return q, k
+        return rotary_ref(positions, q, k, self.cos_sin_cache, self.head_dim, head_norm)
 
 
 def get_rope(config: PretrainedConfig, head_dim: int) -> RotaryEmbedding:

@@ -54,6 +54,9 @@ class LlamaAttention(nn.Module):
         self.qk_norm, self.head_dim = qk_norm, head_dim
         self.clip_qkv = getattr(config, "clip_qkv", None)
         eps = config.rms_norm_eps
+        if qk_norm == "head" and self.clip_qkv is not None:
+            # the per-head norm runs inside the rotary, which comes after the clip
+            raise ValueError("config field clip_qkv with per-head q/k norm is not supported")
         if qk_norm == "head":
             self.q_norm = RMSNorm(head_dim, eps, dtype)
             self.k_norm = RMSNorm(head_dim, eps, dtype)
@@ -66,16 +69,15 @@ class LlamaAttention(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        if self.qk_norm == "head":
-            t = q.shape[0]
-            q = self.q_norm(q.reshape(t, -1, self.head_dim)).reshape(t, -1)
-            k = self.k_norm(k.reshape(t, -1, self.head_dim)).reshape(t, -1)
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))  # views of one [T, q+2kv]
+        head_norm = None
+        if self.qk_norm == "head":  # applied by the rotary, in its kernel on CUDA
+            head_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
         elif self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
             q, k, v = (x.clamp(-self.clip_qkv, self.clip_qkv) for x in (q, k, v))
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(positions, q, k, head_norm)
         return self.o_proj(self.attn(q, k, v, batch))
 
 
