@@ -148,6 +148,7 @@ def test_router_discovers_the_replicas_and_may_list_pods():
     assert args.selector.items() <= replica_pod["metadata"]["labels"].items()
     assert args.service_discovery_port == PORT and args.service_discovery_namespace == "default"
     assert (args.policy, args.assignment_mode) == ("manual", "min_group")
+    assert args.cb_failure_threshold < args.retry_max_retries  # see docs/deploy.md, Failures
     for probe, path in (("readinessProbe", "/readiness"), ("livenessProbe", "/liveness")):
         assert c[probe]["httpGet"]["path"] == path
     account = pod["spec"]["serviceAccountName"]
