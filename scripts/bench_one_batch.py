@@ -7,6 +7,10 @@ kernels), in three modes measured in one run:
 
     python scripts/bench_one_batch.py --model benchmarks/configs/qwen3-30b-a3b \
         --batch-sizes 1 8 32 64 128 256 512 --input-len 1024 --output-len 256
+    torchrun --nproc-per-node 4 scripts/bench_one_batch.py --tp 4 ...   # tensor parallel
+
+Under torchrun every rank runs this same program on the same inputs (the offline Engine is
+SPMD); rank 0 prints and writes the rows.
 
 Weights are dummy (`--load-format dummy`), adapters random (scripts/make_adapters.py). Each row
 has the step's floor: bytes it must read (active weights, adapters' A/B of the experts it hits,
@@ -17,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,11 +55,18 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def make_adapters(model: str, out: Path, num: int, rank: int) -> list[str]:
+    """Random rank-`rank` adapters on attention + experts, written once (by rank 0 under TP;
+    the other ranks wait for its marker file)."""
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
+    done = out / f"done-{num}x{rank}"
+    specs = [f"lora{i}={out / f'lora{i}'}" for i in range(num)]
+    if int(os.environ.get("RANK", 0)) != 0:
+        while not done.is_file():
+            time.sleep(1)
+        return specs
     cfg = AutoConfig.from_pretrained(model)
-    specs = []
     for i in range(num):
         d = out / f"lora{i}"
         if not (d / "adapter_model.safetensors").is_file():
@@ -64,7 +77,7 @@ def make_adapters(model: str, out: Path, num: int, rank: int) -> list[str]:
             (d / "adapter_config.json").write_text(
                 json.dumps(adapter_config(rank, ["attn", "experts"], model))
             )
-        specs.append(f"lora{i}={d}")
+    done.touch()
     return specs
 
 
@@ -80,19 +93,40 @@ def step_floor_bytes(engine: Engine, bs: int, ctx: int, adapters: int, rank: int
     e = getattr(c, "num_experts", 0) or getattr(c, "num_local_experts", 0)
     k = c.num_experts_per_tok
     inter = c.moe_intermediate_size
+    tp = engine.args.tp_size
     hit = e * (1 - (1 - k / e) ** bs)  # expected distinct experts per layer
     experts = hit * 3 * h * inter * layers
     head = c.vocab_size * h + 2 * h * layers
-    weights = (attn + experts + head + e * h * layers) * el
-    kv_bytes = bs * ctx * layers * 2 * kv * el
+    # per rank: matrices split over TP (the router is replicated), KV heads split up to their
+    # number; the all-reduces are not in the floor
+    weights = ((attn + experts + head) / tp + e * h * layers) * el
+    kv_bytes = bs * ctx * layers * 2 * kv * el / min(tp, c.num_key_value_heads)
     lora = 0.0
     if adapters:
         per = bs / adapters
         hit_a = e * (1 - (1 - k / e) ** per)  # experts one adapter's tokens hit
         lora_attn = rank * (h + q + 2 * (h + kv) + q + h) * layers
         lora_exp = hit_a * rank * (3 * h + 3 * inter) * layers
-        lora = adapters * (lora_attn + lora_exp) * el
+        lora = adapters * (lora_attn + lora_exp) * el / tp
     return weights + kv_bytes + lora
+
+
+def profile_steps(s, path: Path, steps: int = 5) -> None:
+    """Where a decode step's time goes: host ops and GPU kernels of a few steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            s.step()
+        torch.cuda.synchronize()
+    t = prof.key_averages()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        t.table(sort_by="cpu_time_total", row_limit=40)
+        + "\n"
+        + t.table(sort_by="self_cuda_time_total", row_limit=30)
+    )
 
 
 def run_mode(
@@ -100,6 +134,9 @@ def run_mode(
 ) -> list[dict]:
     rows = []
     s = engine.scheduler
+    # A static batch: admit every request at once (the scheduler would otherwise keep KV room
+    # for all their output tokens, which a few measured decode steps never use).
+    s.new_token_ratio = 0.0
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
     for bs in args.batch_sizes:
@@ -118,6 +155,8 @@ def run_mode(
         for _ in range(3):  # warm-up (graph capture, autotune)
             s.step()
         torch.cuda.synchronize()
+        if args.profile and bs == args.batch_sizes[0]:
+            profile_steps(s, Path(args.profile) / f"profile_{mode}_bs{bs}.txt")
         t0 = time.perf_counter()
         for _ in range(args.decode_steps):
             s.step()
@@ -162,8 +201,16 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["lora_disabled", "nolora_batch", "lora"])
     ap.add_argument("--adapter-dir", default="/dev/shm/sglora-bench-adapters")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None, help="folder for decode-step profiles")
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallel (run under torchrun)")
     ap.add_argument("--extra", nargs="*", default=[], help="more ServerArgs as key=value")
     args = ap.parse_args()
+    # a stuck step shows where it is stuck (a benchmark run has a hard time limit)
+    faulthandler.dump_traceback_later(240, repeat=True)
+    leader = int(os.environ.get("RANK", 0)) == 0
+    if not leader:  # one rank reports
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
     commit = subprocess.run(
@@ -174,7 +221,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),
         "commit": commit,
-        "tp": 1,
+        "tp": args.tp,
         "copy_gbps": bw / 1e9,
     }
     extra = dict(kv.split("=", 1) for kv in args.extra)
@@ -190,12 +237,16 @@ def main() -> None:
         context_length=args.input_len + args.output_len + 8,
         cuda_graph_bs=tuple(args.batch_sizes),
         cuda_graph_max_bs=max(args.batch_sizes),
+        tp_size=args.tp,
         **extra,
     )
+    t0 = time.perf_counter()
     specs = make_adapters(args.model, Path(args.adapter_dir), args.num_adapters, args.rank)
+    print(f"adapters ready in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for mode in args.modes:
         lora = mode != "lora_disabled"
+        t0 = time.perf_counter()
         engine = Engine(
             **common,
             **(
@@ -208,12 +259,15 @@ def main() -> None:
                 else {}
             ),
         )
+        print(f"{mode}: engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
         names = [f"lora{i}" for i in range(args.num_adapters)] if mode == "lora" else [None]
         label = f"lora_{args.num_adapters}x_r{args.rank}" if mode == "lora" else mode
         rows += run_mode(engine, label, names, args, bw, meta)
         del engine
         gc.collect()  # the runner and its graph runner refer to each other
         torch.cuda.empty_cache()
+    if not leader:
+        return
     out = Path(args.out or f"benchmarks/results/decode_{name}.json")
     old = json.loads(out.read_text()) if out.is_file() else []
     out.write_text(json.dumps(old + rows, indent=1))

@@ -11,9 +11,9 @@ OUT=${OUT:-/tmp/sglora-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python -m pytest -q -p no:cacheprovider -p no:warnings tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" \
+  python -m pytest -q -s -p no:cacheprovider -p no:warnings tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" \
     || echo "GPU TESTS FAILED (benchmark runs anyway)"
 fi
 python scripts/bench_one_batch.py --batch-sizes ${BS:-1 64 256} --decode-steps "${STEPS:-8}" \
-  --input-len "${INPUT_LEN:-1024}" 2>&1 | tee "$OUT/bench_one_batch.log"
+  --input-len "${INPUT_LEN:-1024}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_one_batch.log"
 cp benchmarks/results/decode_*.json "$OUT/" 2>/dev/null || true

@@ -134,7 +134,17 @@ class ServerArgs:
     )
 
     # Parallelism
-    tp_size: int = _arg(1, "Tensor-parallel degree (processes, one per GPU).")
+    tp_size: int = _arg(1, "Tensor-parallel degree (processes, one per GPU, over all nodes).")
+    nnodes: int = _arg(1, "Nodes the TP group spans (each runs tp_size/nnodes ranks).")
+    node_rank: int = _arg(0, "This node's index; node 0 runs the HTTP server and rank 0.")
+    dist_init_addr: str | None = _arg(
+        None,
+        "HOST:PORT of node 0 where the ranks meet (torch.distributed TCP store); "
+        "default: a free port on 127.0.0.1 (one node).",
+    )
+    dist_timeout: int = _arg(
+        600, "Seconds a collective may wait for a rank before the group fails."
+    )
 
     # LoRA
     enable_lora: bool = _arg(False, "Serve LoRA adapters (implied by --lora-paths).")
@@ -222,6 +232,24 @@ class ServerArgs:
             "must be >= 2",
         )
         need(self.tp_size >= 1, "tp_size", "must be >= 1")
+        need(self.nnodes >= 1, "nnodes", "must be >= 1")
+        need(
+            self.tp_size % self.nnodes == 0,
+            "tp_size",
+            f"must be a multiple of --nnodes {self.nnodes}",
+        )
+        need(0 <= self.node_rank < self.nnodes, "node_rank", f"must be in 0..{self.nnodes - 1}")
+        need(
+            self.nnodes == 1 or self.dist_init_addr is not None,
+            "dist_init_addr",
+            "is required with --nnodes > 1 (HOST:PORT of node 0)",
+        )
+        need(
+            self.dist_init_addr is None or _is_host_port(self.dist_init_addr),
+            "dist_init_addr",
+            "must be HOST:PORT",
+        )
+        need(self.dist_timeout >= 1, "dist_timeout", "must be >= 1")
         need(self.cuda_graph_max_bs >= 1, "cuda_graph_max_bs", "must be >= 1")
         need(
             not self.cuda_graph_bs or min(self.cuda_graph_bs) >= 1, "cuda_graph_bs", "must be >= 1"
@@ -305,6 +333,11 @@ class ServerArgs:
 
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)
+
+
+def _is_host_port(addr: str) -> bool:
+    host, _, port = addr.rpartition(":")
+    return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
 
 
 def _unwrap_optional(tp: Any) -> tuple[type, bool]:

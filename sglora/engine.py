@@ -8,12 +8,14 @@ Results follow SGLang's `/generate` shape: {"text", "output_ids", "meta_info"}, 
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from typing import Any
 
 from transformers import AutoTokenizer
 
-from sglora.config import ServerArgs
+from sglora.config import ConfigError, ServerArgs
+from sglora.distributed.parallel_state import destroy_distributed, init_distributed
 from sglora.messages import ReqOutput, SamplingParams, TokenizedGenerateReq
 from sglora.model_executor.model_config import ModelConfig, resolve_model_dir
 from sglora.model_executor.model_runner import ModelRunner, resolve_device
@@ -30,13 +32,29 @@ def load_tokenizer(path: str) -> Any:
 class Engine:
     def __init__(self, args: ServerArgs | None = None, **kwargs: Any):
         self.args = apply_demo(args or ServerArgs(**kwargs))
-        self.device = resolve_device(self.args.device)
+        self.device = resolve_device(self.args.device, self._join_tp_group())
         self.model_config = ModelConfig.load(
             self.args.model_path, self.args.dtype, self.device.type, self.args.context_length
         )
         self.tokenizer = load_tokenizer(self.args.tokenizer_path or self.args.model_path)
         self.runner = ModelRunner(self.args, self.model_config, self.device)
         self.scheduler = Scheduler(self.args, self.runner, self.tokenizer)
+
+    def _join_tp_group(self) -> int:
+        """With --tp-size N the offline engine runs SPMD: N copies of the same program, started
+        by torchrun, each calling generate() with the same inputs. Returns the local rank."""
+        n = self.args.tp_size
+        if n == 1:
+            return 0
+        if int(os.environ.get("WORLD_SIZE", 1)) != n:
+            raise ConfigError(
+                f"--tp-size {n}: the offline Engine needs {n} processes started by torchrun "
+                f"(torchrun --nproc-per-node {n} your_script.py); or use the server"
+            )
+        rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        device = resolve_device(self.args.device, local)
+        init_distributed(rank, n, "env://", device, self.args.dist_timeout)
+        return local
 
     def generate(
         self,
@@ -110,7 +128,9 @@ class Engine:
             self.scheduler.step()
 
     def shutdown(self) -> None:
-        pass
+        """Leave the TP group (an SPMD program's last engine calls this)."""
+        if self.args.tp_size > 1:
+            destroy_distributed()
 
     def __enter__(self) -> Engine:
         return self

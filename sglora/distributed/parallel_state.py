@@ -1,17 +1,95 @@
 """Tensor-parallel process group state and the collectives the layers call.
 
 With one rank (the default) every collective is the identity, so layers are written once for any
-TP size. `init_tp_group` is called by the model runner before the model is built.
+TP size. `init_distributed` runs in each rank's process before the model is built: the tensor
+group uses NCCL on CUDA and gloo on CPU; a second, gloo group carries Python objects (each
+step's new requests from rank 0) and agreement votes, so those never touch the GPU stream.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
+import socket
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
+logger = logging.getLogger(__name__)
+
 _TP_GROUP: dist.ProcessGroup | None = None
+_CPU_GROUP: dist.ProcessGroup | None = None
 _TP_RANK = 0
 _TP_SIZE = 1
+
+
+def init_distributed(
+    rank: int, world_size: int, init_addr: str, device: torch.device, timeout_s: int
+) -> None:
+    """Join the TP group (all ranks call this with the same address and size). `init_addr`:
+    HOST:PORT of the rendezvous, or "env://" under torchrun."""
+    global _CPU_GROUP
+    if world_size == 1:
+        return
+    if dist.is_initialized():  # a second engine in the same SPMD program reuses the group
+        init_tp_group(rank, world_size, dist.group.WORLD)
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(
+        backend,
+        init_method=init_addr if "://" in init_addr else f"tcp://{init_addr}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+        **({"device_id": device} if device.type == "cuda" else {}),
+    )
+    cpu = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    _CPU_GROUP = cpu
+    init_tp_group(rank, world_size, dist.group.WORLD)
+    logger.info("rank %d/%d joined the TP group (%s) at %s", rank, world_size, backend, init_addr)
+
+
+def destroy_distributed() -> None:
+    global _CPU_GROUP
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CPU_GROUP = None
+    init_tp_group(0, 1, None)
+
+
+def free_local_addr() -> str:
+    """127.0.0.1:PORT with a port free right now (for a one-node group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def broadcast_pyobj(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (others pass anything)."""
+    if _TP_SIZE == 1:
+        return obj
+    box = [obj if _TP_RANK == 0 else None]
+    dist.broadcast_object_list(box, src=0, group=_CPU_GROUP)
+    return box[0]
+
+
+def all_ranks_ok(ok: bool) -> bool:
+    """True only if every rank passes True (a vote: one failure fails everywhere)."""
+    if _TP_SIZE == 1:
+        return ok
+    t = torch.tensor([0 if ok else 1], dtype=torch.int32)
+    dist.all_reduce(t, group=_CPU_GROUP)
+    return t.item() == 0
+
+
+def tp_broadcast_(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's values in `x` on every rank, in place (on the device: no host sync)."""
+    if _TP_SIZE == 1:
+        return x
+    dist.broadcast(x, src=0, group=_TP_GROUP)
+    return x
 
 
 def init_tp_group(rank: int, world_size: int, group: dist.ProcessGroup | None) -> None:

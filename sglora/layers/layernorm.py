@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sglora.distributed.parallel_state import get_tp_size, tp_all_reduce
 from sglora.kernels import use_triton
 from sglora.kernels.reference import fused_add_rmsnorm_ref, rmsnorm_ref
-from sglora.layers.linear import copy_checked
+from sglora.layers.linear import copy_checked, narrow
 
 
 class RMSNorm(nn.Module):
@@ -32,3 +33,24 @@ class RMSNorm(nn.Module):
         if residual is None:
             return rmsnorm_ref(x, self.weight, self.eps)
         return fused_add_rmsnorm_ref(x, residual, self.weight, self.eps), residual
+
+
+class ShardedRMSNorm(nn.Module):
+    """RMSNorm over a vector that TP splits across ranks (OLMoE's q/k norm over the whole
+    projection). This rank holds `local` entries from `start` of the full weight; the sum of
+    squares is all-reduced. A replicated shard (KV heads when tp > their number) is counted once
+    per copy, so dividing by tp·local gives the true mean either way."""
+
+    def __init__(self, local: int, start: int, eps: float, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.eps, self.count = eps, local * get_tp_size()
+        self.weight = nn.Parameter(torch.ones(local, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = lambda p, w, shard_id=None: copy_checked(
+            p, narrow(w, 0, start, local), "RMSNorm shard"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        ss = tp_all_reduce(h.pow(2).sum(-1, keepdim=True))
+        h = h * torch.rsqrt(ss / self.count + self.eps)
+        return self.weight * h.to(x.dtype)

@@ -30,12 +30,21 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_TOKENS = 65536
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of the TP rank with index `local_rank` on this node (one GPU each)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
-    return torch.device(name)
+    if name != "cuda":
+        return torch.device(name)
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(
+            f"--tp-size: rank {local_rank} of this node needs GPU {local_rank}, but only "
+            f"{torch.cuda.device_count()} are visible"
+        )
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 class ModelRunner:

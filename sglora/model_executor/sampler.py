@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sglora.distributed.parallel_state import tp_broadcast_
 from sglora.messages import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -167,6 +168,9 @@ class Sampler:
             next_ids = scores.argmax(dim=-1)
         else:
             next_ids = _sample(scores, info)
+        # Every rank must take the same token or their schedules part ways; rank 0's choice
+        # rules (one tiny collective on the device, no host sync).
+        next_ids = tp_broadcast_(next_ids.contiguous())
         logprobs, top_ids, top_vals = raw_logprobs(raw, next_ids, top_logprobs_num)
         return SamplerOutput(next_ids, logprobs, top_ids, top_vals)
 

@@ -14,7 +14,7 @@ from sglora.distributed.parallel_state import get_tp_size
 from sglora.layers.activation import act_and_mul
 from sglora.layers.attention.layer import Attention
 from sglora.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from sglora.layers.layernorm import RMSNorm
+from sglora.layers.layernorm import RMSNorm, ShardedRMSNorm
 from sglora.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sglora.layers.logits import LogitsOutput, LogitsProcessor
 from sglora.layers.rotary import RotaryEmbedding, get_rope
@@ -60,9 +60,12 @@ class LlamaAttention(nn.Module):
         if qk_norm == "head":
             self.q_norm = RMSNorm(head_dim, eps, dtype)
             self.k_norm = RMSNorm(head_dim, eps, dtype)
+        elif qk_norm == "full" and get_tp_size() > 1:
+            qkv, rank = self.qkv_proj, self.qkv_proj.tp_rank
+            self.q_norm = ShardedRMSNorm(qkv.q_size, rank * qkv.q_size, eps, dtype)
+            kv_start = rank // qkv.kv_replicas * qkv.kv_size
+            self.k_norm = ShardedRMSNorm(qkv.kv_size, kv_start, eps, dtype)
         elif qk_norm == "full":
-            if get_tp_size() > 1:
-                raise ValueError("q/k norm over the full projection (OLMoE) needs --tp-size 1")
             self.q_norm = RMSNorm(heads * head_dim, eps, dtype)
             self.k_norm = RMSNorm(kv_heads * head_dim, eps, dtype)
 

@@ -23,6 +23,12 @@ from typing import Any
 import zmq
 
 from sglora.config import ConfigError, ServerArgs
+from sglora.distributed.parallel_state import (
+    all_ranks_ok,
+    broadcast_pyobj,
+    destroy_distributed,
+    init_distributed,
+)
 from sglora.engine import load_tokenizer
 from sglora.lora.adapter import AdapterError
 from sglora.messages import (
@@ -52,18 +58,25 @@ IDLE_POLL_MS = 500  # longest block on an empty socket
 PARENT_CHECK_S = 1.0  # how often the scheduler checks that the api server is still alive
 
 
-def run_scheduler_process(args: ServerArgs, port_args: PortArgs, ready_pipe: Connection) -> None:
-    """Entry point of the child (multiprocessing spawn target)."""
+def run_scheduler_process(
+    args: ServerArgs,
+    port_args: PortArgs,
+    ready_pipe: Connection,
+    rank: int = 0,
+    init_addr: str | None = None,
+) -> None:
+    """Entry point of the child (multiprocessing spawn target): TP rank `rank`."""
+    who = "scheduler" if args.tp_size == 1 else f"rank {rank}"
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s [scheduler] %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s [{who}] %(name)s: %(message)s",
     )
     # Ctrl-C and a SIGTERM to the process group reach us too; the api server drains first and
     # then sends ShutdownReq, so dying here would turn a clean shutdown into a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        loop = SchedulerLoop(args, port_args)
+        loop = SchedulerLoop(args, port_args, rank, init_addr)
     except BaseException as e:  # noqa: BLE001 - reported to the launcher, which prints it
         if isinstance(e, ConfigError):
             message = str(e)  # names the flag; a traceback would only hide it
@@ -84,15 +97,27 @@ def run_scheduler_process(args: ServerArgs, port_args: PortArgs, ready_pipe: Con
 
 
 class SchedulerLoop:
-    def __init__(self, args: ServerArgs, port_args: PortArgs):
-        self.args = args
-        device = resolve_device(args.device)
+    """One TP rank. Every rank runs the same scheduler on the same inputs, so they take the same
+    decisions: rank 0 alone talks to the api server and broadcasts what it received before each
+    step; the model's collectives and the sampled-token broadcast keep the ranks in step."""
+
+    def __init__(
+        self, args: ServerArgs, port_args: PortArgs, rank: int = 0, init_addr: str | None = None
+    ):
+        self.args, self.rank = args, rank
+        device = resolve_device(args.device, local_rank=rank % (args.tp_size // args.nnodes))
+        init_distributed(rank, args.tp_size, init_addr or "", device, args.dist_timeout)
         self.model_config = ModelConfig.load(
             args.model_path, args.dtype, device.type, args.context_length
         )
         tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
         self.runner = ModelRunner(args, self.model_config, device)
         self.scheduler = Scheduler(args, self.runner, tokenizer)
+        self.parent = multiprocessing.parent_process()
+        self.unload_waiters: dict[str, list[str]] = {}  # adapter -> req_ids of UnloadLoRAReqs
+        self.ctx = None
+        if rank != 0:
+            return
         self.ctx = zmq.Context()
         self.recv_sock = self.ctx.socket(zmq.PULL)
         self.recv_sock.setsockopt(zmq.RCVHWM, 0)
@@ -103,8 +128,10 @@ class SchedulerLoop:
         self.send_sock.connect(port_args.tokenizer_input)
         self.poller = zmq.Poller()
         self.poller.register(self.recv_sock, zmq.POLLIN)
-        self.parent = multiprocessing.parent_process()
-        self.unload_waiters: dict[str, list[str]] = {}  # adapter -> req_ids of UnloadLoRAReqs
+
+    def send(self, msg: Any) -> None:
+        if self.rank == 0:
+            self.send_sock.send_pyobj(msg)
 
     def ready_message(self) -> SchedulerReady:
         cfg = self.model_config
@@ -122,20 +149,27 @@ class SchedulerLoop:
             lora_adapters=self.loaded_adapters(),
         )
 
-    def run(self) -> None:
-        next_parent_check = 0.0
-        while True:
+    def receive(self) -> list[Any]:
+        """The messages of this iteration, the same list on every rank."""
+        msgs = []
+        if self.rank == 0:
             busy = self.scheduler.has_work()
             if self.poller.poll(0 if busy else IDLE_POLL_MS):
                 while True:
                     try:
-                        msg = self.recv_sock.recv_pyobj(zmq.NOBLOCK)
+                        msgs.append(self.recv_sock.recv_pyobj(zmq.NOBLOCK))
                     except zmq.Again:
                         break
-                    if isinstance(msg, ShutdownReq):
-                        self.close()
-                        return
-                    self.handle(msg)
+        return broadcast_pyobj(msgs)
+
+    def run(self) -> None:
+        next_parent_check = 0.0
+        while True:
+            for msg in self.receive():
+                if isinstance(msg, ShutdownReq):
+                    self.close()
+                    return
+                self.handle(msg)
             if time.monotonic() >= next_parent_check:
                 next_parent_check = time.monotonic() + PARENT_CHECK_S
                 if self.parent is not None and not self.parent.is_alive():
@@ -144,7 +178,7 @@ class SchedulerLoop:
             if self.scheduler.has_work():
                 outputs = self.scheduler.step()
                 if outputs:
-                    self.send_sock.send_pyobj(BatchReqOutput(outputs))
+                    self.send(BatchReqOutput(outputs))
             if self.unload_waiters:
                 self.answer_unloads()
 
@@ -154,11 +188,12 @@ class SchedulerLoop:
         elif isinstance(msg, AbortReq):
             self.scheduler.abort_request(msg.rid)
         elif isinstance(msg, FlushCacheReq):
-            self.send_sock.send_pyobj(self.flush_cache(msg.req_id))
+            self.send(self.flush_cache(msg.req_id))
         elif isinstance(msg, GetStatsReq):
-            self.send_sock.send_pyobj(self.stats(msg.req_id, msg.check_lora))
+            if self.rank == 0:
+                self.send(self.stats(msg.req_id, msg.check_lora))
         elif isinstance(msg, LoadLoRAReq):
-            self.send_sock.send_pyobj(self.load_lora(msg))
+            self.send(self.load_lora(msg))
         elif isinstance(msg, UnloadLoRAReq):
             self.unload_lora(msg)
         else:
@@ -190,6 +225,19 @@ class SchedulerLoop:
         return LoRAUpdateResp(req_id, error is None, error, code, self.loaded_adapters())
 
     def load_lora(self, msg: LoadLoRAReq) -> LoRAUpdateResp:
+        """Load on every rank or on none: the ranks vote, and a rank whose load succeeded
+        undoes it when another failed (a half-loaded adapter would hang the group)."""
+        resp = self._load_lora_here(msg)
+        if all_ranks_ok(resp.success) or not resp.success:
+            return resp
+        self.scheduler.lora.unload_adapter(msg.lora_name)
+        return self.lora_resp(
+            msg.req_id,
+            f"{msg.lora_path}: loading failed on another tensor-parallel rank (see its log)",
+            "invalid_lora_adapter",
+        )
+
+    def _load_lora_here(self, msg: LoadLoRAReq) -> LoRAUpdateResp:
         lora = self.scheduler.lora
         if lora is None:
             return self.lora_resp(
@@ -223,7 +271,7 @@ class SchedulerLoop:
         try:
             self.scheduler.request_unload(msg.lora_name)
         except ValueError as e:
-            self.send_sock.send_pyobj(self.lora_resp(msg.req_id, str(e), "lora_not_found"))
+            self.send(self.lora_resp(msg.req_id, str(e), "lora_not_found"))
             return
         self.unload_waiters.setdefault(msg.lora_name, []).append(msg.req_id)
         self.answer_unloads()  # it may have had no request left
@@ -232,7 +280,7 @@ class SchedulerLoop:
         for name in [n for n in self.unload_waiters if n not in self.scheduler.pending_unloads]:
             logger.info("unloaded LoRA adapter %r", name)
             for req_id in self.unload_waiters.pop(name):
-                self.send_sock.send_pyobj(self.lora_resp(req_id))
+                self.send(self.lora_resp(req_id))
 
     def lora_stats(self, check: bool) -> LoRAStats | None:
         lora = self.scheduler.lora
@@ -276,6 +324,8 @@ class SchedulerLoop:
         )
 
     def close(self) -> None:
-        self.recv_sock.close(linger=0)
-        self.send_sock.close()
-        self.ctx.term()
+        if self.ctx is not None:
+            self.recv_sock.close(linger=0)
+            self.send_sock.close()
+            self.ctx.term()
+        destroy_distributed()

@@ -14,15 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import shutil
 import signal
 import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +27,8 @@ import uvicorn
 
 from sglora.config import ConfigError, ServerArgs
 from sglora.engine import load_tokenizer
-from sglora.messages import PortArgs, SchedulerInitError, SchedulerReady
-from sglora.scheduler.process import run_scheduler_process
+from sglora.messages import PortArgs, SchedulerReady
+from sglora.scheduler.ranks import RankGroup
 from sglora.server.api_server import create_app
 from sglora.server.metrics import Metrics
 from sglora.server.tokenizer_manager import TokenizerManager
@@ -48,37 +45,46 @@ def launch(args: ServerArgs) -> int:
         # Until uvicorn takes over the signals, SIGTERM interrupts start-up like Ctrl-C does,
         # so the `finally` below still stops the child.
         signal.signal(signal.SIGTERM, _interrupt)
+    if args.node_rank > 0:
+        return _serve_worker_node(args)
     sock = _bind(args.host, args.port)
     ipc_dir = Path(tempfile.mkdtemp(prefix="sglora-ipc-"))
     port_args = PortArgs(
         scheduler_input=f"ipc://{ipc_dir}/scheduler", tokenizer_input=f"ipc://{ipc_dir}/tokenizer"
     )
-    proc, asked_to_exit = None, False
+    ranks, asked_to_exit = None, False
     try:
-        proc, reader = _spawn_scheduler(args, port_args)
-        tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)  # while the child loads
-        ready = _wait_ready(proc, reader)
-        code = asyncio.run(_serve(args, port_args, ready, tokenizer, proc, sock))
+        ranks = RankGroup(args, port_args)
+        tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)  # while ranks load
+        ready = ranks.wait_ready()
+        code = asyncio.run(_serve(args, port_args, ready, tokenizer, ranks, sock))
         asked_to_exit = True  # _serve sent ShutdownReq
         return code
     finally:
         sock.close()
-        if proc is not None:
-            _stop_child(proc, CHILD_EXIT_TIMEOUT_S if asked_to_exit else 0)
+        if ranks is not None:
+            ranks.stop(CHILD_EXIT_TIMEOUT_S if asked_to_exit else 0)
         shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+def _serve_worker_node(args: ServerArgs) -> int:
+    """Nodes other than 0 run their TP ranks only: rank 0 (on node 0) talks to the api server
+    and broadcasts each step to them. Returns when a local rank exits (after node 0 shut the
+    group down, or a failure, which the collectives spread to every rank)."""
+    ranks = RankGroup(args, PortArgs(scheduler_input="", tokenizer_input=""))
+    try:
+        ranks.wait_ready()
+        logger.info("node %d: ranks %s serve node 0's requests", args.node_rank, ranks.ranks)
+        rank, code = ranks.wait_any_exit()
+        if code:
+            logger.error("rank %d exited with code %s; stopping this node", rank, code)
+        return 0 if code == 0 else 1
+    finally:
+        ranks.stop(CHILD_EXIT_TIMEOUT_S)
 
 
 def _interrupt(sig: int, frame: object) -> None:
     raise KeyboardInterrupt
-
-
-def _stop_child(proc: BaseProcess, timeout: float) -> None:
-    proc.join(timeout)
-    if proc.is_alive():
-        if timeout:
-            logger.warning("the scheduler did not exit within %.0f s; killing it", timeout)
-        proc.kill()  # it ignores SIGTERM (see scheduler/process.py)
-        proc.join()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -92,45 +98,6 @@ def _bind(host: str, port: int) -> socket.socket:
         raise ConfigError(f"--port: cannot listen on {host}:{port} ({e.strerror})") from None
     sock.set_inheritable(False)
     return sock
-
-
-def _spawn_scheduler(args: ServerArgs, port_args: PortArgs) -> tuple[BaseProcess, Connection]:
-    ctx = multiprocessing.get_context("spawn")
-    reader, writer = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=run_scheduler_process,
-        args=(args, port_args, writer),
-        name="sglora-scheduler",
-        daemon=True,
-    )
-    proc.start()
-    writer.close()  # so that reader.recv() raises EOFError if the child dies before answering
-    return proc, reader
-
-
-def _wait_ready(proc: BaseProcess, reader: Connection) -> SchedulerReady:
-    try:
-        msg = reader.recv()
-    except EOFError:
-        proc.join()
-        raise ConfigError(
-            f"the scheduler process died while starting (exit code {proc.exitcode}); "
-            "see the log above"
-        ) from None
-    finally:
-        reader.close()
-    if isinstance(msg, SchedulerInitError):
-        proc.join()
-        raise ConfigError(msg.message)
-    assert isinstance(msg, SchedulerReady), msg
-    logger.info(
-        "scheduler ready (pid %d): %s on %s, KV cache %d tokens",
-        msg.pid,
-        msg.architecture,
-        msg.device,
-        msg.kv_capacity,
-    )
-    return msg
 
 
 class _Server(uvicorn.Server):
@@ -163,13 +130,13 @@ async def _serve(
     port_args: PortArgs,
     ready: SchedulerReady,
     tokenizer: Any,
-    proc: BaseProcess,
+    ranks: RankGroup,
     sock: socket.socket,
 ) -> int:
     tm = TokenizerManager(args, port_args, ready, tokenizer, Metrics())
     tm.start()
     try:
-        return await _Supervisor(args, tm, proc).run(sock)
+        return await _Supervisor(args, tm, ranks).run(sock)
     finally:
         tm.abort_all()  # whatever the drain left
         tm.shutdown_scheduler()
@@ -177,10 +144,10 @@ async def _serve(
 
 
 class _Supervisor:
-    """Runs uvicorn while watching the scheduler process and the exit signals."""
+    """Runs uvicorn while watching the scheduler processes and the exit signals."""
 
-    def __init__(self, args: ServerArgs, tm: TokenizerManager, proc: BaseProcess):
-        self.args, self.tm, self.proc = args, tm, proc
+    def __init__(self, args: ServerArgs, tm: TokenizerManager, ranks: RankGroup):
+        self.args, self.tm, self.ranks = args, tm, ranks
         self.app = create_app(tm)
         config = uvicorn.Config(
             self.app,
@@ -196,7 +163,8 @@ class _Supervisor:
         self.tasks: list[asyncio.Task] = []  # strong references: the loop keeps weak ones
 
     async def run(self, sock: socket.socket) -> int:
-        self.loop.add_reader(self.proc.sentinel, self.child_exited)
+        for fd in self.ranks.sentinels:
+            self.loop.add_reader(fd, self.child_exited)
         try:
             if not await self.tm.health_check(timeout=60, force_generate=True):
                 logger.error("warm-up generation failed: %s", self.tm.dead or "timeout")
@@ -210,17 +178,17 @@ class _Supervisor:
         finally:
             for task in self.tasks:
                 task.cancel()
-            with contextlib.suppress(ValueError, OSError):
-                self.loop.remove_reader(self.proc.sentinel)
+            for fd in self.ranks.sentinels:
+                with contextlib.suppress(ValueError, OSError):
+                    self.loop.remove_reader(fd)
         return self.exit_code
 
     def child_exited(self) -> None:
-        self.loop.remove_reader(self.proc.sentinel)
-        self.proc.join(1)
-        code = self.proc.exitcode
-        logger.error(
-            "the scheduler process exited unexpectedly (exit code %s); shutting down", code
-        )
+        for fd in self.ranks.sentinels:
+            self.loop.remove_reader(fd)
+        rank, code = self.ranks.dead() or (0, None)
+        who = "the scheduler process" if self.args.tp_size == 1 else f"TP rank {rank}"
+        logger.error("%s exited unexpectedly (exit code %s); shutting down", who, code)
         self.exit_code = 1
         self.tm.fail_all(f"the scheduler process exited (exit code {code})")
         self.server.should_exit = True
