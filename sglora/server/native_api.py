@@ -130,7 +130,7 @@ def _plan(tm: TokenizerManager, body: GenerateRequest) -> tuple[list[TokenizedGe
                 lora_name=lora,
             )
         )
-    tm.check_capacity(len(reqs))
+    tm.check_capacity(len(reqs), param)
     return reqs, single
 
 

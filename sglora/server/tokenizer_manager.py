@@ -246,7 +246,7 @@ class TokenizerManager:
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
 
-    def check_capacity(self, count: int) -> None:
+    def check_capacity(self, count: int, param: str = "n") -> None:
         """--max-queued-requests: refuse `count` more scheduler requests with a 503 (and
         Retry-After) rather than queue without bound. Route handlers call it before a stream
         starts, so the status can still say so; generate() checks again."""
@@ -257,7 +257,7 @@ class TokenizerManager:
                 400,
                 f"this request needs {count} sequences (prompts × n); this server holds at "
                 f"most {self.max_open} (--max-running-requests + --max-queued-requests)",
-                "n",
+                param,
                 "too_many_sequences",
             )
         if len(self.states) + count > self.max_open:

@@ -163,3 +163,9 @@ def test_queue_full_is_503_with_retry_after(secure_server, secure_http, admin_ht
             t.join(60)
     wait_for(secure_http, lambda i: i["open_requests"] == 0)
     assert secure_http.post(C, json=OK).status_code == 200  # capacity is back
+
+
+def test_more_prompts_than_the_server_holds_is_400(secure_http):
+    r = secure_http.post(GEN, json={"text": ["a", "b", "c", "d"]})
+    error("this request needs 4 sequences (prompts × n); this server holds at most 3", 400, r,
+          "text", "too_many_sequences")  # fmt: skip
