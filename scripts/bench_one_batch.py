@@ -134,9 +134,6 @@ def run_mode(
 ) -> list[dict]:
     rows = []
     s = engine.scheduler
-    # A static batch: admit every request at once (the scheduler would otherwise keep KV room
-    # for all their output tokens, which a few measured decode steps never use).
-    s.new_token_ratio = 0.0
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
     for bs in args.batch_sizes:
@@ -146,6 +143,10 @@ def run_mode(
             s.add_request(
                 TokenizedGenerateReq(f"{mode}-{bs}-{i}", ids, sp, lora_name=loras[i % len(loras)])
             )
+        # A static batch: admit every request at once. The scheduler would keep KV room for a
+        # share of all their output tokens (a ratio that decode steps move), which the few
+        # measured decode steps never use.
+        s.new_token_ratio = 0.0
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         while len(s.running) < bs:
@@ -243,7 +244,6 @@ def main() -> None:
     t0 = time.perf_counter()
     specs = make_adapters(args.model, Path(args.adapter_dir), args.num_adapters, args.rank)
     print(f"adapters ready in {time.perf_counter() - t0:.1f} s", flush=True)
-    rows = []
     for mode in args.modes:
         lora = mode != "lora_disabled"
         t0 = time.perf_counter()
@@ -262,16 +262,15 @@ def main() -> None:
         print(f"{mode}: engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
         names = [f"lora{i}" for i in range(args.num_adapters)] if mode == "lora" else [None]
         label = f"lora_{args.num_adapters}x_r{args.rank}" if mode == "lora" else mode
-        rows += run_mode(engine, label, names, args, bw, meta)
+        rows = run_mode(engine, label, names, args, bw, meta)
         del engine
         gc.collect()  # the runner and its graph runner refer to each other
         torch.cuda.empty_cache()
-    if not leader:
-        return
-    out = Path(args.out or f"benchmarks/results/decode_{name}.json")
-    old = json.loads(out.read_text()) if out.is_file() else []
-    out.write_text(json.dumps(old + rows, indent=1))
-    print(f"wrote {len(rows)} rows to {out}")
+        if leader:  # after each mode, so a run cut short keeps what it measured
+            out = Path(args.out or f"benchmarks/results/decode_{name}.json")
+            old = json.loads(out.read_text()) if out.is_file() else []
+            out.write_text(json.dumps(old + rows, indent=1))
+            print(f"wrote {len(rows)} rows to {out}", flush=True)
 
 
 if __name__ == "__main__":
