@@ -4,6 +4,9 @@ two-"node" launch on loopback gives the same; bad TP set-ups fail at start with 
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -143,3 +146,52 @@ def test_tp_size_that_does_not_divide_heads_fails_at_start(tmp_path):
     )
     assert r.returncode != 0
     assert "--tp-size 3 does not divide" in r.stderr + r.stdout, r.stderr[-2000:]
+
+
+def test_tp2_adapter_load_unload_and_a_dead_rank(tmp_path):
+    """Run-time loads reach both ranks (a bad one changes nothing anywhere); when a rank dies
+    the whole server exits with a line naming it instead of hanging."""
+    family = "qwen3_moe"
+    srv = start_server(
+        ["--model-path", str(tiny_model_path(family)), "--device", "cpu", "--tp-size", "2"]
+        + ["--enable-lora", "--max-lora-rank", "16"],
+        tmp_path / "server.log",
+    )
+    try:
+        bad = httpx.post(
+            srv.url + "/load_lora_adapter",
+            json={"lora_name": "bad", "lora_path": str(tmp_path / "missing")},
+            timeout=60,
+        )
+        assert bad.status_code == 400, bad.text
+        path = tiny_adapter_paths(family, "attn_experts_rslora")[0]
+        ok = httpx.post(
+            srv.url + "/load_lora_adapter",
+            json={"lora_name": "a", "lora_path": str(path)},
+            timeout=60,
+        )
+        assert ok.status_code == 200, ok.text
+        prompts = random_prompts(1000, [9, 14], seed=3)
+        body = {"input_ids": prompts, "lora_path": ["a", None], "sampling_params": SP}
+        body |= {"return_logprob": True, "logprob_start_len": 0}
+        got = httpx.post(srv.url + "/generate", json=body, timeout=120).json()
+        engine = Engine(
+            model_path=str(tiny_model_path(family)), device="cpu", lora_paths=(f"a={path}",)
+        )
+        want = engine.generate(
+            input_ids=prompts,
+            sampling_params=SP,
+            return_logprob=True,
+            logprob_start_len=0,
+            lora_path=["a", None],
+        )
+        assert_same(got, want, "TP2 run-time adapter")
+        r = httpx.post(srv.url + "/unload_lora_adapter", json={"lora_name": "a"}, timeout=60)
+        assert r.status_code == 200, r.text
+
+        pid = int(re.search(r"rank 1 pid (\d+)", srv.log()).group(1))
+        os.kill(pid, signal.SIGKILL)
+        assert srv.proc.wait(60) != 0
+        assert "TP rank 1 exited unexpectedly" in srv.log()
+    finally:
+        srv.stop()
