@@ -21,37 +21,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sglora.engine import Engine  # noqa: E402
-from sglora.testing.adapters import is_moe, tiny_adapter_paths  # noqa: E402
-from sglora.testing.tiny import tiny_model_path  # noqa: E402
-from tests.conftest import random_prompts  # noqa: E402
-from tests.lora.test_lora_matches_peft import DENSE_KINDS, MOE_KINDS  # noqa: E402
+from tests.lora.test_lora_matches_peft import run_mixed_batch  # noqa: E402
 
 THRESHOLD = 5e-4
 SP = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
 
 
 def run(family: str, backend: str, tp: int) -> list[dict]:
-    kinds = MOE_KINDS if is_moe(family) else DENSE_KINDS
-    engine = Engine(
-        model_path=str(tiny_model_path(family)),
+    _, _, order, _, out = run_mixed_batch(
+        family,
+        SP,
         device="cuda",
         dtype="bfloat16",
         tp_size=tp,
-        lora_paths=tuple(f"{k}={tiny_adapter_paths(family, k)[0]}" for k in kinds),
-        max_loras_per_batch=len(kinds),
         lora_backend=backend,
         max_total_tokens=8192,
         cuda_graph_bs=(1, 2, 4, 8, 16, 32),
-    )
-    order = [*kinds, None, *kinds[::-1], None]
-    prompts = random_prompts(1000, [7 + 5 * i for i in range(len(order))], seed=11)
-    out = engine.generate(
-        input_ids=prompts,
-        sampling_params=SP,
-        return_logprob=True,
-        logprob_start_len=0,
-        lora_path=order,
     )
     rows = []
     for kind, res in zip(order, out):
@@ -59,7 +44,6 @@ def run(family: str, backend: str, tp: int) -> list[dict]:
         lps = [x[0] for x in meta["input_token_logprobs"][1:]]
         lps += [x[0] for x in meta["output_token_logprobs"]]
         rows.append({"kind": kind, "output_ids": res["output_ids"], "logprobs": lps})
-    del engine
     return rows
 
 

@@ -9,11 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglora.engine import Engine
-from sglora.testing.adapters import is_moe, load_reference, tiny_adapter_paths
-from sglora.testing.tiny import tiny_model_path
-from tests.conftest import random_prompts
-from tests.lora.test_lora_matches_peft import DENSE_KINDS, MOE_KINDS, all_logprobs
+from sglora.testing.adapters import load_reference
+from tests.lora.test_lora_matches_peft import all_logprobs, run_mixed_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -24,28 +21,14 @@ GREEDY = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
 @pytest.mark.parametrize("lora_backend", ["csgmv", "triton"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "llama"])
 def test_bf16_mixed_batch_matches_peft(family, lora_backend):
-    kinds = MOE_KINDS if is_moe(family) else DENSE_KINDS
-    paths = {k: tiny_adapter_paths(family, k) for k in kinds}
-    engine = Engine(
-        model_path=str(tiny_model_path(family)),
+    _, paths, order, prompts, results = run_mixed_batch(
+        family,
+        GREEDY,
         device="cuda",
         dtype="bfloat16",
-        lora_paths=tuple(f"{k}={paths[k][0]}" for k in kinds),
-        max_loras_per_batch=len(kinds),
         lora_backend=lora_backend,
         max_total_tokens=8192,  # several engines share the GPU in one test session
         cuda_graph_bs=(1, 2, 4, 8, 16, 32),
-    )
-    order = [*kinds, None, *kinds[::-1], None]
-    prompts = random_prompts(
-        engine.model_config.vocab_size, [7 + 5 * i for i in range(len(order))], seed=11
-    )
-    results = engine.generate(
-        input_ids=prompts,
-        sampling_params=GREEDY,
-        return_logprob=True,
-        logprob_start_len=0,
-        lora_path=order,
     )
     cuda = torch.device("cuda")
     refs = {
@@ -71,7 +54,6 @@ def test_bf16_mixed_batch_matches_peft(family, lora_backend):
     # within max(threshold, 2x HF bf16's own distance) of HF fp32.
     bad = [r for r in scores if r[1] > THRESHOLD and r[2] > max(THRESHOLD, 2 * r[3])]
     assert not bad, f"(kind, vs bf16, vs fp32, bf16 vs fp32) above the bound: {bad}"
-    engine.runner.lora_manager.check_integrity()
 
 
 def reference_logprobs(model, full: list[int]) -> torch.Tensor:

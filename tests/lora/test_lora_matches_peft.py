@@ -37,30 +37,38 @@ def all_logprobs(res: dict) -> torch.Tensor:
     )
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "llama"])
-def test_mixed_adapter_batch_matches_peft(family):
-    kinds = MOE_KINDS if is_moe(family) else DENSE_KINDS
-    paths = {k: tiny_adapter_paths(family, k) for k in kinds}
+def run_mixed_batch(family: str, sampling_params: dict = GREEDY, **engine_kw):
+    """Every adapter format of the family twice (different prompts) and base requests,
+    interleaved in one batch. Returns (kinds, paths, order, prompts, results)."""
     from sglora.testing.tiny import tiny_model_path
 
+    kinds = MOE_KINDS if is_moe(family) else DENSE_KINDS
+    paths = {k: tiny_adapter_paths(family, k) for k in kinds}
     engine = Engine(
         model_path=str(tiny_model_path(family)),
-        device="cpu",
+        **{"device": "cpu", **engine_kw},
         lora_paths=tuple(f"{k}={paths[k][0]}" for k in kinds),
         max_loras_per_batch=len(kinds),
     )
-    # every adapter twice (different prompts) and base requests, interleaved in one batch
     order = [*kinds, None, *kinds[::-1], None]
     prompts = random_prompts(
         engine.model_config.vocab_size, [7 + 5 * i for i in range(len(order))], seed=11
     )
     results = engine.generate(
         input_ids=prompts,
-        sampling_params=GREEDY,
+        sampling_params=sampling_params,
         return_logprob=True,
         logprob_start_len=0,
         lora_path=order,
     )
+    engine.scheduler.check_integrity()
+    engine.runner.lora_manager.check_integrity()
+    return kinds, paths, order, prompts, results
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "llama"])
+def test_mixed_adapter_batch_matches_peft(family):
+    kinds, paths, order, prompts, results = run_mixed_batch(family)
     base_model = load_reference(family, None)
     refs = {k: load_reference(family, paths[k][1]) for k in kinds}
     for prompt, kind, res in zip(prompts, order, results):
@@ -77,5 +85,3 @@ def test_mixed_adapter_batch_matches_peft(family):
             base = teacher_forced(base_model, full)
             base_lp = base[torch.arange(len(full) - 1), torch.tensor(full[1:])]
             assert (base_lp - want).abs().max().item() > 1e-2, f"{kind} has no visible effect"
-    engine.scheduler.check_integrity()
-    engine.runner.lora_manager.check_integrity()
