@@ -32,7 +32,7 @@ DRAIN=${DRAIN:-30}                 # s after the last send before open requests 
 INPUT_LEN=${INPUT_LEN:-512} OUTPUT_LEN=${OUTPUT_LEN:-128} LEN_RANGE=${LEN_RANGE:-0}
 RANK=${RANK:-16} DISTINCT=${DISTINCT:-8} TARGETS=${TARGETS:-attn experts}
 ABC_SLOTS=${ABC_SLOTS:-8} D_SLOTS=${D_SLOTS:-16} # D_SLOTS="8 16 32": a server each
-# SERVER_ARGS: more server flags, e.g. "--tp-size 4" (scripts/device_tp_bench.sh)
+# SERVER_ARGS: more server flags, e.g. "--tp-size 4" (scripts/device_tp4_bench.sh)
 MODEL=${MODEL:-benchmarks/configs/qwen3-30b-a3b}
 ADAPTERS=${ADAPTER_DIR:-/dev/shm/sglora-serving-adapters}
 PORT=${PORT:-30123}

@@ -7,7 +7,7 @@
 #   3. SERVING=1: the serving benchmark's scenario (b) (8 adapters, uniform) at TP=$TP
 #      (needs `.whl` carried, see scripts/prepare_device_wheels.sh)
 #
-#   STEPS="check tp tp2" TP=4 BS="1 64 128 256 512" scripts/device_tp_bench.sh
+#   STEPS="check tp tp2" TP=4 BS="1 64 128 256 512" scripts/device_tp4_bench.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
