@@ -164,13 +164,13 @@ class LoRASlotPool:
         elif spec.parallel == "vocab_embed":
             n = buf.A.shape[-1]
             A = A[..., rank * n : (rank + 1) * n]
-            buf.A[slot, ..., i * R : i * R + r, : A.shape[-1]] = A.to(buf.A)
-            buf.B[slot, ..., :, :r] = B.to(buf.B)
+            _put(buf.A[slot, ..., i * R : i * R + r, : A.shape[-1]], A)
+            _put(buf.B[slot, ..., :, :r], B)
             return
         else:
             B = B[..., rank * out : (rank + 1) * out, :]
-        buf.A[slot, ..., i * R : i * R + r, :] = A.to(buf.A)
-        buf.B[slot, ..., off : off + B.shape[-2], :r] = B.to(buf.B)
+        _put(buf.A[slot, ..., i * R : i * R + r, :], A)
+        _put(buf.B[slot, ..., off : off + B.shape[-2], :r], B)
 
     def clear(self, slot: int) -> None:
         for buf in self.buffers.values():
@@ -186,3 +186,11 @@ class LoRASlotPool:
                     assert not buf.A[s].any() and not buf.B[s].any(), (
                         f"empty LoRA slot {s} holds stale weights in {group} of layer {layer}"
                     )
+
+
+def _put(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy host weights into a slot view. From page-locked memory in the slot dtype this is a
+    DMA the host does not wait for; otherwise (pageable, a TP slice, another dtype) a plain copy
+    (torch stages those through temporaries that must not outlive an asynchronous copy)."""
+    dma = src.is_pinned() and src.dtype == dst.dtype and src.is_contiguous()
+    dst.copy_(src, non_blocking=dma)

@@ -15,7 +15,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from sglora.lora.adapter import AdapterError, LoRAAdapter, load_adapter
+import torch
+
+from sglora.lora.adapter import AdapterError, LoRAAdapter, LoRAWeights, load_adapter
 from sglora.lora.adapter_files import AdapterLimits
 from sglora.lora.targets import ModelTargets
 
@@ -61,8 +63,14 @@ class LoRARegistry:
         max_loaded: int | None,
         limits: AdapterLimits | None = None,
         allow_hub: bool = True,
+        host_dtype: torch.dtype | None = None,
+        pin_memory: bool = False,
     ):
         self.targets, self.max_loaded = targets, max_loaded
+        # Parsed adapters wait in the slots' dtype (bf16 on GPU: half the host memory of the
+        # float32 they are parsed in) and in page-locked memory, so a slot load is one DMA per
+        # tensor with no conversion on the way.
+        self.host_dtype, self.pin_memory = host_dtype, pin_memory
         self.limits, self.allow_hub = limits or AdapterLimits(), allow_hub
         self.refs: dict[str, AdapterRef] = {}
         self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()
@@ -93,12 +101,20 @@ class LoRARegistry:
         if twin is not None:  # parsed tensors are never written to, so names can share them
             adapter = LoRAAdapter(name, str(resolved), self._cache[twin].modules)
         else:
-            adapter = load_adapter(name, resolved, self.targets, self.limits)
+            adapter = self._to_host_form(load_adapter(name, resolved, self.targets, self.limits))
         self._cache[name] = adapter
         self._cache.move_to_end(name)
         self._file_ids[name] = file_id
         while self.max_loaded is not None and len(self._cache) > self.max_loaded:
             self._file_ids.pop(self._cache.popitem(last=False)[0], None)
+        return adapter
+
+    def _to_host_form(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        def conv(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(self.host_dtype or t.dtype).contiguous()
+            return t.pin_memory() if self.pin_memory else t
+
+        adapter.modules = {k: LoRAWeights(conv(w.A), conv(w.B)) for k, w in adapter.modules.items()}
         return adapter
 
     def cached_names(self) -> list[str]:
