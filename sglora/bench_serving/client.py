@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from sglora.bench_serving.workload import BenchRequest
+from sglora.sse import aiter_sse
 
 
 @dataclass
@@ -148,10 +149,8 @@ BACKENDS: dict[str, type[Backend]] = {"openai": OpenAICompletions, "sglang": SGL
 
 
 async def _sse_events(r: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    async for line in r.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
+    async for data in aiter_sse(r):  # lines end where the SSE spec says (not at U+2028)
+        data = data.strip()
         if data == "[DONE]":
             return
         event = json.loads(data)

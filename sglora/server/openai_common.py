@@ -125,8 +125,17 @@ class TokenStrings:
         return s
 
 
+# Characters JSON may leave raw inside strings (pydantic's model_dump_json does) that
+# str.splitlines(), and so httpx's aiter_lines() and many hand-written SSE clients, take for
+# line ends; escaped, an event stays one line for them too (the same JSON value).
+_LINE_BREAKS_IN_JSON = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
 def sse(payload: BaseModel | dict) -> str:
     data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    for raw, escaped in _LINE_BREAKS_IN_JSON.items():
+        if raw in data:  # rare: only generated or echoed text holds them
+            data = data.replace(raw, escaped)
     return f"data: {data}\n\n"
 
 

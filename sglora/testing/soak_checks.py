@@ -63,17 +63,24 @@ def generate_problem(body: Any, max_tokens: int, aborted_ok: bool) -> str | None
     return None
 
 
-def stream_problem(events: list[str], kind: str, n: int, aborted_ok: bool) -> str | None:
-    """`events`: the data fields of an SSE stream read to its end. Every choice must finish
+def stream_problem(
+    events: list[str], kind: str, n: int, aborted_ok: bool, tail: str = ""
+) -> str | None:
+    """`events`: the data of each event of an SSE stream read to its end (by sglora.sse, which
+    splits lines where the SSE spec does); `tail`: what the server left unfinished when it
+    closed the stream (the reader's `close()`). Every event is complete, every choice finishes
     (or the stream carries an error event), and [DONE] comes last."""
+    if tail:
+        return f"stream ended inside an event: {tail[:100]!r}"
     if not events or events[-1] != "[DONE]":
         return f"stream did not end with [DONE] (last: {events[-1:]!r})"
     finished: set[int] = set()
     for data in events[:-1]:
         try:
             obj = json.loads(data)
-        except json.JSONDecodeError:
-            return f"event is not JSON: {data[:100]!r}"
+        except json.JSONDecodeError as e:  # where it broke, not only how the event begins
+            near = data[max(0, e.pos - 40) : e.pos + 40]
+            return f"event is not JSON ({e.msg} at {e.pos} of {len(data)}): {near!r}"
         if "error" in obj:
             return error_problem(obj)  # an explicit error ends the stream acceptably
         if kind == "generate":

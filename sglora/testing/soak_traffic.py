@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from sglora.sse import SSEReader, aiter_sse
 from sglora.testing.soak_checks import (
     BadRequest,
     completion_problem,
@@ -171,19 +172,20 @@ class Traffic:
             body = {"model": self.model(), "prompt": self.prompt(), "n": n, "stream": True}
             body.update(self.sampling())
         events: list[str] = []
+        reader = SSEReader()  # not aiter_lines(): it splits lines inside JSON (sglora/sse.py)
         async with self.client.stream("POST", path, json=body) as r:
             if r.status_code != 200:
                 await r.aread()
                 model = body.get("model", body.get("lora_path"))
                 return self.judge(f"stream_{kind}", r, lambda b: "unexpected 200", model)
-            async for line in r.aiter_lines():
+            async for data in aiter_sse(r, reader):
                 if leave_after is not None and len(events) >= leave_after:
                     phase = "before_first_token" if not events else "mid_stream"
                     self.tally.counts[f"disconnect_{phase}"] += 1
                     return  # leaving the block closes the connection
-                if line.startswith("data: "):
-                    events.append(line[6:])
-        problem = stream_problem(events, kind, n, aborted_ok=rid is not None)
+                events.append(data)
+        # the server ended the stream: what it left unfinished is its own cut
+        problem = stream_problem(events, kind, n, aborted_ok=rid is not None, tail=reader.close())
         self.count(f"stream_{kind}", problem)
 
     async def leave(self) -> None:
