@@ -4,8 +4,9 @@
 A CI soak failed with `stream_completions: event is not JSON: '{"id":"cmpl-...","model'` (the
 first 100 characters) in a stream that did end with [DONE]: sampled text held one of these
 (the tiny model samples the byte tokens C2 85, i.e. U+0085, at some seeds) and the soak
-client, reading lines with `aiter_lines()`, cut that well-formed event in two. The clients now read events as the SSE spec does (sglora/sse.py); the server also escapes
-those characters, so naive line readers get whole events from it too. A stream the server ends
+client, reading lines with `aiter_lines()`, cut that well-formed event in two. The clients
+now read events as the SSE spec does (sglora/sse.py); the server also escapes those
+characters, so naive line readers get whole events from it too. A stream the server ends
 without [DONE], or inside an event, is still a failure of the soak."""
 
 from __future__ import annotations
