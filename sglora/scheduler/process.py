@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -41,6 +42,7 @@ from sglora.messages import (
     LoRAStats,
     LoRAUpdateResp,
     PortArgs,
+    ReqOutput,
     SchedulerInitError,
     SchedulerReady,
     SchedulerStats,
@@ -169,7 +171,7 @@ class SchedulerLoop:
                 if isinstance(msg, ShutdownReq):
                     self.close()
                     return
-                self.handle(msg)
+                self.handle_one(msg)
             if time.monotonic() >= next_parent_check:
                 next_parent_check = time.monotonic() + PARENT_CHECK_S
                 if self.parent is not None and not self.parent.is_alive():
@@ -181,6 +183,27 @@ class SchedulerLoop:
                     self.send(BatchReqOutput(outputs))
             if self.unload_waiters:
                 self.answer_unloads()
+
+    def handle_one(self, msg: Any) -> None:
+        """A generation request the scheduler fails to take fails alone: its client gets a 500
+        with an error id (the traceback is logged under it) and the server goes on. Anything
+        else that raises is a bug in shared state and ends the process (the launcher exits)."""
+        try:
+            self.handle(msg)
+        except Exception:
+            if not isinstance(msg, TokenizedGenerateReq):
+                raise
+            error_id = uuid.uuid4().hex[:16]
+            logger.exception("internal error %s: request %s failed", error_id, msg.rid)
+            self.scheduler.abort_request(msg.rid)  # whatever part of it got queued
+            message = f"internal server error (error id {error_id}); the server log has the details"
+            failed = ReqOutput(
+                msg.rid,
+                [],
+                finished=True,
+                finish_reason={"type": "abort", "message": message, "error_id": error_id},
+            )
+            self.send(BatchReqOutput([failed]))
 
     def handle(self, msg: Any) -> None:
         if isinstance(msg, TokenizedGenerateReq):

@@ -319,7 +319,9 @@ class TokenizerManager:
             if not st.internal:
                 self.metrics.on_first_token(label, now - st.created)
         reason = out.finish_reason or {}
-        if (
+        if out.finished and "error_id" in reason:  # the scheduler failed on this request
+            st.queue.put_nowait(APIError(500, reason["message"], code="internal_error"))
+        elif (
             out.finished
             and reason.get("type") == "abort"
             and not st.abort_sent
