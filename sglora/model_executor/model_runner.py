@@ -57,7 +57,10 @@ class ModelRunner:
         self.init_memory_pool()
         self.init_attention_backend()
         self.sampler = Sampler()
+        graphs_before = self._device_bytes_in_use()
         self.init_cuda_graphs()
+        self.graph_bytes = self._device_bytes_in_use() - graphs_before
+        self.log_memory_plan()
 
     def load_model(self) -> None:
         cfg = self.model_config
@@ -142,6 +145,28 @@ class ModelRunner:
         max_bs = min(self.args.cuda_graph_max_bs, self.args.max_running_requests)
         sizes = [b for b in self.args.cuda_graph_bs or default_capture_sizes(max_bs) if b <= max_bs]
         self.graph_runner = CudaGraphRunner(self, sizes)
+
+    def _device_bytes_in_use(self) -> int:
+        if self.device.type != "cuda":
+            return 0
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
+
+    def log_memory_plan(self) -> None:
+        """One line with where the device memory went, in the order it was handed out."""
+        lora = self.lora_manager.pool.nbytes() if self.lora_manager is not None else 0
+        parts = [
+            f"weights {self.weight_bytes / 1e9:.2f}",
+            f"LoRA slots {lora / 1e9:.2f}",
+            f"KV cache {self.kv_pool.size_bytes() / 1e9:.2f}",
+        ]
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            parts += [
+                f"CUDA graphs {self.graph_bytes / 1e9:.2f}",
+                f"free {free / 1e9:.2f} of {total / 1e9:.2f}",
+            ]
+        logger.info("memory plan on %s (GB): %s", self.device, ", ".join(parts))
 
     def forward(self, batch: ForwardBatch) -> LogitsOutput:
         batch.req_to_token_pool = self.req_to_token_pool
