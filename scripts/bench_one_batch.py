@@ -3,6 +3,8 @@ kernels), in three modes measured in one run:
 
   lora_disabled  server without --enable-lora
   nolora_batch   --enable-lora with N adapters loaded, no request uses one
+  nolora_single_pool  the same with --no-record-nolora-graph (base batches replay the LoRA
+                 graphs with empty slots: what a single-pool server pays; not in the defaults)
   lora_NxrR      N distinct rank-R adapters on attention + experts, requests spread evenly
 
     python scripts/bench_one_batch.py --model benchmarks/configs/qwen3-30b-a3b \
@@ -254,6 +256,7 @@ def main() -> None:
                     "lora_paths": tuple(specs),
                     "max_loras_per_batch": args.num_adapters,
                     "max_lora_rank": args.rank,
+                    "record_nolora_graph": mode != "nolora_single_pool",
                 }
                 if lora
                 else {}

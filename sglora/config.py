@@ -126,6 +126,12 @@ class ServerArgs:
     cuda_graph_bs: tuple[int, ...] | None = _arg(
         None, "Batch sizes to capture (default: 1, 2, 4, 8, 16, ... up to --cuda-graph-max-bs)."
     )
+    record_nolora_graph: bool = _arg(
+        True,
+        "With --enable-lora, also capture decode graphs without the LoRA kernels and replay "
+        "them for batches where no request has an adapter (off: such batches replay the LoRA "
+        "graphs with every slot empty, as a single-pool server does).",
+    )
     attention_backend: str = _arg(
         "auto",
         "Attention kernels over the paged KV cache ('auto': triton on CUDA, torch_native on "

@@ -57,7 +57,10 @@ class CudaGraphRunner:
             max_bs, attn.num_heads, attn.num_kv_heads, attn.head_dim, dev
         )
         self.lora = runner.lora_manager
-        self.pools = ["nolora"] + (["lora"] if self.lora and self.lora.graph_safe else [])
+        lora_pool = self.lora is not None and self.lora.graph_safe
+        # Without the nolora pool, base batches replay the lora pool with every slot empty.
+        nolora_pool = not lora_pool or runner.args.record_nolora_graph
+        self.pools = ["nolora"] * nolora_pool + ["lora"] * lora_pool
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[str, int], torch.Tensor] = {}
         self.lora_infos: dict[int, object] = {}
@@ -130,8 +133,12 @@ class CudaGraphRunner:
             fb.forward_mode is ForwardMode.DECODE
             and fb.batch_size <= self.sizes[-1]
             and fb.logprob_indices is None
-            and (fb.lora is None or "lora" in self.pools)
+            and ("lora" if fb.lora is not None else self._base_pool) in self.pools
         )
+
+    @property
+    def _base_pool(self) -> str:
+        return "nolora" if "nolora" in self.pools else "lora"
 
     def replay(self, fb: ForwardBatch) -> LogitsOutput:
         bs = fb.batch_size
@@ -151,11 +158,15 @@ class CudaGraphRunner:
             ):
                 buf[bs:pbs].fill_(pad)
         self.runner.attn_backend.init_forward_metadata_replay(pbs, self.seq_lens[:pbs])
-        pool = "nolora" if fb.lora is None else "lora"
-        if fb.lora is not None:
-            self.token_slots[:bs].copy_(fb.lora.token_slots)
-            self.token_slots[bs:pbs].fill_(-1)
-            slots = fb.lora.seq_slots_cpu + [-1] * (pbs - bs)
+        pool = "lora" if fb.lora is not None else self._base_pool
+        if pool == "lora":
+            if fb.lora is not None:
+                self.token_slots[:bs].copy_(fb.lora.token_slots)
+                self.token_slots[bs:pbs].fill_(-1)
+                slots = fb.lora.seq_slots_cpu + [-1] * (pbs - bs)
+            else:  # a base batch through the LoRA kernels: every slot empty
+                self.token_slots[:pbs].fill_(-1)
+                slots = [-1] * pbs
             self.lora.backend.prepare_replay(self.lora_infos[pbs], slots)
         self.graphs[(pool, pbs)].replay()
         return LogitsOutput(self.outputs[(pool, pbs)][:bs])

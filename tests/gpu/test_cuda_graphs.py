@@ -80,3 +80,23 @@ def test_pools_switch_step_to_step_and_decode_does_not_sync():
     assert "lora" in pools and pools[-1] == "nolora", pools
     assert pools.index("nolora") > pools.index("lora")
     sched.check_integrity()
+
+
+def test_without_the_nolora_pool_base_batches_replay_lora_graphs_with_empty_slots():
+    """--no-record-nolora-graph: one pool; base requests come out as from eager decode."""
+    prompts = random_prompts(1000, [5, 9, 17], seed=5)
+    single = engine("float32", graphs=True, record_nolora_graph=False)
+    assert single.runner.graph_runner.pools == ["lora"]
+    eager = engine("float32", graphs=False)
+    for loras in ([None, None, None], [None, "attn", "experts"]):
+        want = eager.generate(
+            input_ids=prompts, sampling_params=SP, lora_path=loras, return_logprob=True
+        )
+        got = single.generate(
+            input_ids=prompts, sampling_params=SP, lora_path=loras, return_logprob=True
+        )
+        for g, w in zip(got, want):
+            assert g["output_ids"] == w["output_ids"]
+            lg = torch.tensor([x[0] for x in g["meta_info"]["output_token_logprobs"]])
+            lw = torch.tensor([x[0] for x in w["meta_info"]["output_token_logprobs"]])
+            torch.testing.assert_close(lg, lw, atol=1e-3, rtol=0)
