@@ -19,7 +19,7 @@ class ScheduleBatch:
 
     def is_prefill_complete(self, req: Req) -> bool:
         """Whether this step computes the request's last missing token (so it samples)."""
-        return self.mode is ForwardMode.DECODE or req.chunk_end == len(req.fill_ids)
+        return self.mode is ForwardMode.DECODE or req.chunk_end == req.fill_len
 
     def to_forward_batch(self, device: torch.device) -> ForwardBatch:
         input_ids: list[int] = []
@@ -29,16 +29,15 @@ class ScheduleBatch:
         logprob_targets: list[int] = []
         top_k = 0
         for req in self.reqs:
-            fill = req.fill_ids
             start, end = req.kv_len, req.chunk_end
             if req.wants_input_logprobs:
                 # row for position p scores token p+1; prompt tokens only, from logprob_start_len
                 first = max(req.logprob_start_len, 1) - 1
                 for p in range(max(start, first), min(end, req.prompt_len - 1)):
                     logprob_rows.append(len(input_ids) + p - start)
-                    logprob_targets.append(fill[p + 1])
+                    logprob_targets.append(req.origin_input_ids[p + 1])
                 top_k = max(top_k, req.top_logprobs_num)
-            input_ids.extend(fill[start:end])
+            input_ids.extend(req.fill_slice(start, end))
             prefix_lens.append(start)
             extend_lens.append(end - start)
         return ForwardBatch.build(

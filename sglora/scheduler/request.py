@@ -66,8 +66,22 @@ class Req:
 
     @property
     def fill_ids(self) -> list[int]:
-        """Tokens that need KV: the prompt and every output token so far."""
+        """Tokens that need KV: the prompt and every output token so far (a new list: for
+        prefix matching at admission; the per-step paths use fill_len / fill_slice)."""
         return self.origin_input_ids + self.output_ids
+
+    @property
+    def fill_len(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    def fill_slice(self, start: int, end: int) -> list[int]:
+        """fill_ids[start:end] without building fill_ids (a decode step needs one token)."""
+        n = len(self.origin_input_ids)
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        if end <= n:
+            return self.origin_input_ids[start:end]
+        return self.origin_input_ids[start:] + self.output_ids[: end - n]
 
     @property
     def prompt_len(self) -> int:
@@ -86,7 +100,7 @@ class Req:
         must be recomputed rather than taken from the prefix cache."""
         if self.wants_input_logprobs:
             return max(self.logprob_start_len - 1, 0)
-        return len(self.fill_ids) - 1  # at least one token is computed to get logits
+        return self.fill_len - 1  # at least one token is computed to get logits
 
     def check_finished(
         self, eos_ids: frozenset[int], stop_text_hit: str | None, context_len: int
@@ -99,7 +113,7 @@ class Req:
             self.finish({"type": "stop", "matched": tok})
         elif len(self.output_ids) >= p.max_new_tokens:
             self.finish({"type": "length", "length": p.max_new_tokens})
-        elif len(self.fill_ids) >= context_len:
+        elif self.fill_len >= context_len:
             self.finish({"type": "length", "length": len(self.output_ids)})
 
     def finish(self, reason: dict[str, Any]) -> None:

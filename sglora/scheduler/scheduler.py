@@ -186,7 +186,7 @@ class Scheduler:
                     if req.lora_wait_rounds > LORA_STARVATION_ROUNDS:
                         break
                     continue
-                need = len(req.fill_ids) - self.kv.match_prefix(req)
+                need = req.fill_len - self.kv.match_prefix(req)
                 idle = not self.running and not picked and self.chunked is None
                 # A new request needs room for its prompt and a share of everyone's decoding;
                 # when nothing else runs it needs only room for its next chunk.
@@ -197,7 +197,7 @@ class Scheduler:
                 req.state = ReqState.RUNNING
                 if not req.admitted_once:
                     req.cached_tokens, req.admitted_once = req.prefix_len, True
-            n = min(len(req.fill_ids) - req.kv_len, budget)
+            n = min(req.fill_len - req.kv_len, budget)
             got = self.kv.alloc_tokens(n) if n > 0 else None
             if got is None:  # cannot happen after the availability check, but never lose a req
                 if req is not self.chunked and req.kv_len == req.prefix_len:
@@ -208,7 +208,7 @@ class Scheduler:
             picked.append(req)
             slots.append(got)
             budget -= n
-            self.chunked = req if req.chunk_end < len(req.fill_ids) else None
+            self.chunked = req if req.chunk_end < req.fill_len else None
             if budget <= 0 or self.chunked is not None:
                 break
         if not picked:
@@ -334,7 +334,7 @@ class Scheduler:
         for req in batch.reqs:
             if not req.wants_input_logprobs:
                 continue
-            fill = req.fill_ids
+            fill = req.origin_input_ids  # prompt logprobs score prompt tokens only
             if req.kv_len == 0 and req.logprob_start_len == 0:
                 req.input_token_logprobs.append((fill[0], None))
                 req.input_top_logprobs.append(None)
