@@ -107,9 +107,12 @@ def step_floor_bytes(engine: Engine, bs: int, ctx: int, adapters: int, rank: int
     if adapters:
         per = bs / adapters
         hit_a = e * (1 - (1 - k / e) ** per)  # experts one adapter's tokens hit
-        lora_attn = rank * (h + q + 2 * (h + kv) + q + h) * layers
-        lora_exp = hit_a * rank * (3 * h + 3 * inter) * layers
-        lora = adapters * (lora_attn + lora_exp) * el / tp
+        # per rank: column-parallel layers (q/k/v, gate/up) keep A [r, h] whole and split B;
+        # row-parallel ones (o, down) split A and keep B [h, r] whole, so the h-sided halves
+        # are read on every rank whatever the TP degree
+        lora_attn = rank * (4 * h + (2 * q + 2 * kv) / tp) * layers
+        lora_exp = hit_a * rank * (3 * h + 3 * inter / tp) * layers
+        lora = adapters * (lora_attn + lora_exp) * el
     return weights + kv_bytes + lora
 
 
