@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.gpu.test_bf16_vs_peft import GPU_BF16  # noqa: E402
 from tests.lora.test_lora_matches_peft import run_mixed_batch  # noqa: E402
 
 THRESHOLD = 5e-4
@@ -28,16 +29,7 @@ SP = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
 
 
 def run(family: str, backend: str, tp: int) -> list[dict]:
-    _, _, order, _, out = run_mixed_batch(
-        family,
-        SP,
-        device="cuda",
-        dtype="bfloat16",
-        tp_size=tp,
-        lora_backend=backend,
-        max_total_tokens=8192,
-        cuda_graph_bs=(1, 2, 4, 8, 16, 32),
-    )
+    _, _, order, _, out = run_mixed_batch(family, SP, tp_size=tp, lora_backend=backend, **GPU_BF16)
     rows = []
     for kind, res in zip(order, out):
         meta = res["meta_info"]

@@ -45,8 +45,7 @@ def init_distributed(
         timeout=timeout,
         **({"device_id": device} if device.type == "cuda" else {}),
     )
-    cpu = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
-    _CPU_GROUP = cpu
+    _CPU_GROUP = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     init_tp_group(rank, world_size, dist.group.WORLD)
     logger.info("rank %d/%d joined the TP group (%s) at %s", rank, world_size, backend, init_addr)
 

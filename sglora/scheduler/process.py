@@ -2,8 +2,10 @@
 (sglora/server/tokenizer_manager.py) over ZMQ with the structs of sglora/messages.py.
 
 Loop: drain incoming messages (without blocking while there is work, with a poll timeout when
-idle), run one `Scheduler.step()`, send its outputs as one `BatchReqOutput`. Any exception is
-logged with its traceback and ends the process with status 1; the launcher watches for that.
+idle), run one `Scheduler.step()`, send its outputs as one `BatchReqOutput`. A generation
+request that raises while being taken fails alone (`handle_one`); any other exception is logged
+with its traceback and ends the process with status 1; the launcher watches for that. Under TP
+each rank runs this loop (see `SchedulerLoop`).
 
 Adapter loads are answered at once; an unload is answered only once the adapter is gone, i.e.
 after the step whose `_finish_unloads()` removed it (its last request finished).

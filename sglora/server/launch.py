@@ -1,8 +1,9 @@
 """Start serving from ServerArgs (called by launch_server.py): the scheduler in a child
-process, the api server (FastAPI + uvicorn) in this one.
+process per TP rank (`scheduler/ranks.py`), the api server (FastAPI + uvicorn) in this one;
+nodes other than 0 run only their ranks.
 
-Order: bind the HTTP port (so a busy port fails before the model loads), spawn the scheduler
-and wait for its ready message, connect the tokenizer manager, run one warm-up generation,
+Order: bind the HTTP port (so a busy port fails before the model loads), spawn the ranks
+and wait for their ready messages, connect the tokenizer manager, run one warm-up generation,
 serve. While serving, a dead child is noticed at once (its sentinel fd): the server logs its
 exit code, fails open requests with 503 and exits 1. SIGTERM/SIGINT: stop accepting, let
 in-flight requests finish for up to --graceful-shutdown-timeout, abort the rest, stop the child,

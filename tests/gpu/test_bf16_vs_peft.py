@@ -15,6 +15,13 @@ from tests.lora.test_lora_matches_peft import all_logprobs, run_mixed_batch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 THRESHOLD = 1e-2
+# the production path in bf16; a fixed KV size because several engines share the GPU
+GPU_BF16 = {
+    "device": "cuda",
+    "dtype": "bfloat16",
+    "max_total_tokens": 8192,
+    "cuda_graph_bs": (1, 2, 4, 8, 16, 32),
+}
 GREEDY = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
 
 
@@ -22,13 +29,7 @@ GREEDY = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "llama"])
 def test_bf16_mixed_batch_matches_peft(family, lora_backend):
     _, paths, order, prompts, results = run_mixed_batch(
-        family,
-        GREEDY,
-        device="cuda",
-        dtype="bfloat16",
-        lora_backend=lora_backend,
-        max_total_tokens=8192,  # several engines share the GPU in one test session
-        cuda_graph_bs=(1, 2, 4, 8, 16, 32),
+        family, GREEDY, lora_backend=lora_backend, **GPU_BF16
     )
     cuda = torch.device("cuda")
     refs = {

@@ -40,17 +40,18 @@ def test_graph_replay_equals_eager_in_mixed_batches(dtype):
     assert graph.runner.graph_runner is not None
     assert "lora" in graph.runner.graph_runner.pools
     for loras_now in (loras, [None] * len(loras)):  # lora pool, then nolora pool
-        want = eager.generate(
-            input_ids=prompts, sampling_params=SP, lora_path=loras_now, return_logprob=True
-        )
-        got = graph.generate(
-            input_ids=prompts, sampling_params=SP, lora_path=loras_now, return_logprob=True
-        )
-        for g, w in zip(got, want):
-            assert g["output_ids"] == w["output_ids"]
-            lg = torch.tensor([x[0] for x in g["meta_info"]["output_token_logprobs"]])
-            lw = torch.tensor([x[0] for x in w["meta_info"]["output_token_logprobs"]])
-            torch.testing.assert_close(lg, lw, atol=1e-3 if dtype == "float32" else 5e-2, rtol=0)
+        assert_same_as_eager(graph, eager, prompts, loras_now, 1e-3 if dtype == "float32" else 5e-2)
+
+
+def assert_same_as_eager(graph: Engine, eager: Engine, prompts, loras, atol: float) -> None:
+    """Same greedy tokens, and output logprobs within `atol`."""
+    kw = {"input_ids": prompts, "sampling_params": SP, "lora_path": loras, "return_logprob": True}
+    got, want = graph.generate(**kw), eager.generate(**kw)
+    for g, w in zip(got, want):
+        assert g["output_ids"] == w["output_ids"]
+        lg = torch.tensor([x[0] for x in g["meta_info"]["output_token_logprobs"]])
+        lw = torch.tensor([x[0] for x in w["meta_info"]["output_token_logprobs"]])
+        torch.testing.assert_close(lg, lw, atol=atol, rtol=0)
 
 
 def test_pools_switch_step_to_step_and_decode_does_not_sync():
@@ -89,14 +90,4 @@ def test_without_the_nolora_pool_base_batches_replay_lora_graphs_with_empty_slot
     assert single.runner.graph_runner.pools == ["lora"]
     eager = engine("float32", graphs=False)
     for loras in ([None, None, None], [None, "attn", "experts"]):
-        want = eager.generate(
-            input_ids=prompts, sampling_params=SP, lora_path=loras, return_logprob=True
-        )
-        got = single.generate(
-            input_ids=prompts, sampling_params=SP, lora_path=loras, return_logprob=True
-        )
-        for g, w in zip(got, want):
-            assert g["output_ids"] == w["output_ids"]
-            lg = torch.tensor([x[0] for x in g["meta_info"]["output_token_logprobs"]])
-            lw = torch.tensor([x[0] for x in w["meta_info"]["output_token_logprobs"]])
-            torch.testing.assert_close(lg, lw, atol=1e-3, rtol=0)
+        assert_same_as_eager(single, eager, prompts, loras, 1e-3)
