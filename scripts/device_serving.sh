@@ -34,20 +34,15 @@ RANK=${RANK:-16} DISTINCT=${DISTINCT:-8} TARGETS=${TARGETS:-attn experts}
 ABC_SLOTS=${ABC_SLOTS:-8} D_SLOTS=${D_SLOTS:-16} # D_SLOTS="8 16 32": a server each
 # SERVER_ARGS: more server flags, e.g. "--tp-size 4" (scripts/device_tp4_bench.sh)
 MODEL=${MODEL:-benchmarks/configs/qwen3-30b-a3b}
-ADAPTERS=${ADAPTER_DIR:-/dev/shm/sglora-serving-adapters}
+ADAPTERS=${ADAPTER_DIR:-}
 PORT=${PORT:-30123}
 SERVER_TIMEOUT=${SERVER_TIMEOUT:-420}
 OUT=${OUT:-/tmp/sglora-serving}
 mkdir -p "$OUT"
 
-if [ "${WHEELS:-1}" = 1 ]; then # WHEELS=0: the packages are installed already
-    [ -d .whl ] || { echo "error: no .whl: run scripts/prepare_device_wheels.sh, carry .whl" && exit 2; }
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 2
-fi
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export TQDM_DISABLE=1 # progress bars would fill the log
-export SGLORA_CACHE_DIR=${SGLORA_CACHE_DIR:-$PWD/.cache/sglora}
+# shellcheck source=scripts/device_lib.sh
+source scripts/device_lib.sh
+install_wheels || exit 2
 LOG="$OUT/bench.log"
 log() { echo "[$(($(date +%s) - T0)) s] $*" | tee -a "$LOG"; }
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
@@ -60,53 +55,18 @@ RESULTS=${RESULTS:-benchmarks/results/serving_$SLUG.json}
 TOK=$(python3 -c "from sglora.testing.tiny import tiny_model_path; print(tiny_model_path('qwen3_moe'))")
 log "device $GPU, tokenizer $TOK, results $RESULTS"
 
-# ~1.3 GB a rank-16 adapter: /dev/shm if it holds them, else the disk
-shm_gb=$(df --output=avail -BG /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)
-[ -z "${ADAPTER_DIR:-}" ] && [ "${shm_gb:-0}" -lt $((2 * DISTINCT)) ] && ADAPTERS=/tmp/sglora-serving-adapters
-if [ ! -f "$ADAPTERS/lora$((DISTINCT - 1))/adapter_model.safetensors" ]; then
-    # shellcheck disable=SC2086
-    python3 scripts/make_adapters.py --config "$MODEL" --out "$ADAPTERS" --num "$DISTINCT" \
-        --rank "$RANK" --targets $TARGETS --device "${GEN_DEVICE:-cuda}" >>"$LOG" 2>&1 || exit 1
-fi
+[ -z "${ADAPTER_DIR:-}" ] && ADAPTERS=$(adapter_dir "$DISTINCT")
+# shellcheck disable=SC2086
+make_adapters "$ADAPTERS" "$DISTINCT" "$RANK" $TARGETS >>"$LOG" 2>&1 || exit 1
 du -sh "$ADAPTERS" | tee -a "$LOG"
 log "adapters ready"
 
-SERVER_PID=
-start_server() { # $1: name, $2: adapter names, $3: slots
+start_server_with() { # $1: name, $2: adapter names, $3: slots
     local specs=() i
     for ((i = 0; i < $2; i++)); do specs+=("lora$i=$ADAPTERS/lora$((i % DISTINCT))"); done
-    python3 -m sglora.launch_server --model-path "$MODEL" --tokenizer-path "$TOK" \
-        --load-format dummy --served-model-name qwen3-30b-a3b --port "$PORT" \
-        --max-loras-per-batch "$3" --max-lora-rank "$RANK" --lora-paths "${specs[@]}" \
-        ${SERVER_ARGS:-} >"$OUT/server_$1.log" 2>&1 &
-    SERVER_PID=$!
-    python3 - "$PORT" "$SERVER_PID" "$SERVER_TIMEOUT" <<'EOF' || return 1
-import os, sys, time, urllib.request
-port, pid, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-end = time.time() + timeout
-while time.time() < end:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        sys.exit("server exited during start-up")
-    try:
-        if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200:
-            sys.exit(0)
-    except Exception:
-        pass
-    time.sleep(1)
-sys.exit(f"server not healthy after {timeout} s")
-EOF
-}
-stop_server() {
-    [ -n "$SERVER_PID" ] || return 0
-    kill -TERM "$SERVER_PID" 2>/dev/null # a graceful drain, but not past the budget
-    for _ in $(seq 20); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 1; done
-    if kill -KILL "$SERVER_PID" 2>/dev/null; then
-        sleep 5 # its scheduler exits within a second of it, and frees the GPU
-    fi
-    wait "$SERVER_PID" 2>/dev/null
-    SERVER_PID=
+    # shellcheck disable=SC2086
+    start_server "$1" --tokenizer-path "$TOK" --served-model-name qwen3-30b-a3b \
+        --max-loras-per-batch "$3" --max-lora-rank "$RANK" --lora-paths "${specs[@]}" ${SERVER_ARGS:-}
 }
 trap stop_server EXIT
 
@@ -132,7 +92,7 @@ fits() { # $1: scenario, $2: rates, $3: s more; whether its sweep fits the time 
 
 if has a || has b || has c; then
     log "server 1: 64 adapter names, $ABC_SLOTS slots"
-    if start_server abc 64 "$ABC_SLOTS"; then
+    if start_server_with abc 64 "$ABC_SLOTS"; then
         log "server 1 ready"
         has a && fits a "$RATES" && bench "a: base" "$RATES" "$NUM_PROMPTS"
         has b && fits b "$RATES" && bench "b: 8 uniform" "$RATES" "$NUM_PROMPTS" --num-adapters 8
@@ -146,7 +106,7 @@ fi
 for slots in $D_SLOTS; do # "8 16 32": one server each, as long as the budget lasts
     has d && fits "d with $slots slots" "$D_RATES" 90 || continue # 90: the server's start
     log "server 2: 256 adapter names, $slots slots"
-    if start_server "d$slots" 256 "$slots"; then
+    if start_server_with "d$slots" 256 "$slots"; then
         log "server 2 ready"
         bench "d: 256 uniform, $slots slots" "$D_RATES" "$D_NUM_PROMPTS" --num-adapters 256
     else
