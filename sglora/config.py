@@ -119,6 +119,11 @@ class ServerArgs:
     schedule_policy: str = _arg(
         "lpm", "Waiting-queue order: longest prefix match or FCFS.", ("lpm", "fcfs")
     )
+    disable_overlap_schedule: bool = _arg(
+        False,
+        "Read each step's tokens before preparing the next step, instead of preparing and "
+        "launching step n+1 while the device runs step n (same results, more host time).",
+    )
     disable_cuda_graph: bool = _arg(False, "Run decode eagerly instead of replaying CUDA graphs.")
     cuda_graph_max_bs: int = _arg(
         256, "Largest decode batch replayed from a CUDA graph (larger ones run eagerly)."

@@ -207,9 +207,14 @@ class LoRAManager:
             return None
         seq_slots = [-1 if n is None else self._ensure_resident(n, used) for n in lora_names]
         token_slots = [s for s, n in zip(seq_slots, seq_lens) for _ in range(n)]
+
+        def dev(x: list[int]) -> torch.Tensor:
+            # non-blocking: a blocking copy would wait for the step in flight (overlap schedule)
+            return torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)
+
         self.batch_info = LoRABatchInfo(
-            token_slots=torch.tensor(token_slots, dtype=torch.int64).to(self.device),
-            seq_slots=torch.tensor(seq_slots, dtype=torch.int64).to(self.device),
+            token_slots=dev(token_slots),
+            seq_slots=dev(seq_slots),
             seq_lens_cpu=list(seq_lens),
             active_slots=sorted({s for s in seq_slots if s >= 0}),
             seq_slots_cpu=seq_slots,

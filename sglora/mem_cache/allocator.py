@@ -76,7 +76,9 @@ class TokenToKVAllocator:
         out = self._stack[self._top - n : self._top].flip(0)
         self._top -= n
         self._is_free[out] = False
-        return out.to(self.device)  # flip() copied, so the stack may be overwritten later
+        # flip() copied, so the stack may be overwritten later; non-blocking, as a blocking copy
+        # would wait for the step in flight (overlap scheduling builds the next one meanwhile)
+        return out.to(self.device, non_blocking=True)
 
     def free(self, indices: torch.Tensor) -> None:
         """Return slots to the free list; any int dtype or device, empty allowed."""

@@ -58,7 +58,7 @@ class ForwardBatch:
     def build(
         cls,
         mode: ForwardMode,
-        input_ids: list[int],
+        input_ids: list[int] | None,
         req_pool_indices: list[int],
         prefix_lens: list[int],
         extend_lens: list[int],
@@ -68,8 +68,11 @@ class ForwardBatch:
         logprob_targets: list[int] | None = None,
         top_logprobs_num: int = 0,
         lora_names: list[str | None] | None = None,
+        last_token_ids: torch.Tensor | None = None,
     ) -> ForwardBatch:
-        """Host lists -> device tensors, one copy each."""
+        """Host lists -> device tensors, one copy each. `input_ids` None (decode): each request's
+        input is its last sampled token, gathered on the device from `last_token_ids`
+        [request slots], so no host round trip stands between two decode steps."""
         positions: list[int] = []
         sample_rows: list[int] = []
         row = 0
@@ -82,13 +85,19 @@ class ForwardBatch:
         def dev(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.int64).to(device, non_blocking=True)
 
+        pool_indices = dev(req_pool_indices)
+        if input_ids is None:
+            assert last_token_ids is not None and mode is ForwardMode.DECODE
+            ids = last_token_ids.index_select(0, pool_indices)
+        else:
+            ids = dev(input_ids)
         return cls(
             forward_mode=mode,
             batch_size=len(req_pool_indices),
-            input_ids=dev(input_ids),
+            input_ids=ids,
             positions=dev(positions),
             out_cache_loc=out_cache_loc.to(device, torch.int64, non_blocking=True),
-            req_pool_indices=dev(req_pool_indices),
+            req_pool_indices=pool_indices,
             seq_lens=dev(seq_lens),
             seq_lens_cpu=seq_lens,
             extend_prefix_lens_cpu=list(prefix_lens),

@@ -21,7 +21,8 @@ from sglora.mem_cache.kv_pool import KVPool
 from sglora.mem_cache.radix_cache import RadixCache
 from sglora.model_executor.forward_batch import ForwardBatch
 from sglora.model_executor.model_config import ModelConfig
-from sglora.model_executor.sampler import Sampler
+from sglora.model_executor.sampler import Sampler, SamplingBatchInfo
+from sglora.model_executor.step_output import StepOutput
 from sglora.model_executor.weight_loader import init_dummy_weights, iterate_weights, load_weights
 from sglora.models.registry import get_model_class
 
@@ -124,6 +125,11 @@ class ModelRunner:
             self.args.max_running_requests + 1, cfg.context_len + 1, self.device
         )
         self.radix_cache = RadixCache(self.allocator, disable=self.args.disable_radix_cache)
+        # [request slots] the token each request sampled last: the input of its next decode
+        # step, which reads it here on the device (ForwardBatch.build)
+        self.last_token_ids = torch.zeros(
+            self.req_to_token_pool.size, dtype=torch.int64, device=self.device
+        )
         logger.info("KV cache: %d tokens (%.2f GB)", size, self.kv_pool.size_bytes() / 1e9)
 
     def init_attention_backend(self) -> None:
@@ -180,3 +186,15 @@ class ModelRunner:
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.replay(batch)
         return self.model(batch)
+
+    def forward_and_sample(
+        self, batch: ForwardBatch, info: SamplingBatchInfo, top_logprobs_num: int
+    ) -> StepOutput:
+        """Launch one step: forward, sample, record each request's token in `last_token_ids`
+        and start copying the results to the host. Nothing here waits for the device."""
+        logits = self.forward(batch)
+        sampled = self.sampler(logits.next_token_logits, info, top_logprobs_num)
+        # Rows of an unfinished prefill chunk write a token that is not one; their request
+        # does not decode before the chunk that completes it overwrites it.
+        self.last_token_ids.index_copy_(0, batch.req_pool_indices, sampled.next_token_ids)
+        return StepOutput(sampled, logits)

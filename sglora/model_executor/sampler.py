@@ -63,13 +63,20 @@ class SamplingBatchInfo:
         output_ids: list[list[int]],
         vocab_size: int,
         device: torch.device | str,
+        in_flight_rows: list[int] | None = None,
+        last_ids: torch.Tensor | None = None,
     ) -> SamplingBatchInfo:
         """Build every tensor on the CPU and move each with one non-blocking copy.
 
         The [bs, vocab] penalty tables are the exception: only the flat token ids are copied, and
         the tables are filled on the device, so the copy is O(tokens), not O(bs * vocab).
+
+        `in_flight_rows`: rows whose latest output token was sampled by a step still in flight
+        (overlap scheduling), so it is missing from `output_ids`; `last_ids` [bs] (device) holds
+        it. It counts in the seeded step and the penalties exactly as if the host had read it.
         """
         assert len(params) == len(prompt_ids) == len(output_ids)
+        late = set(in_flight_rows or ())
 
         def dev(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=True)
@@ -79,6 +86,7 @@ class SamplingBatchInfo:
         has_seed = [p.seed is not None for p in params]
         temperatures = [1.0 if p.is_greedy else p.temperature for p in params]
         penalised = [_has_penalty(p) for p in params]
+        steps = [len(o) + (i in late) for i, o in enumerate(output_ids)]
         info = cls(
             temperatures=dev(torch.tensor(temperatures, dtype=torch.float32).view(-1, 1)),
             top_ps=dev(torch.tensor([p.top_p for p in params], dtype=torch.float32)),
@@ -87,7 +95,7 @@ class SamplingBatchInfo:
             greedy=dev(torch.tensor(greedy, dtype=torch.bool)),
             seeds=dev(torch.tensor([_to_int64(p.seed or 0) for p in params], dtype=torch.int64)),
             has_seed=dev(torch.tensor(has_seed, dtype=torch.bool)),
-            steps=dev(torch.tensor([len(o) for o in output_ids], dtype=torch.int64)),
+            steps=dev(torch.tensor(steps, dtype=torch.int64)),
             is_all_greedy=all(greedy),
             need_top_p_top_k_min_p=any(_needs_filter(p, vocab_size) for p in params),
             need_penalties=any(penalised),
@@ -103,6 +111,11 @@ class SamplingBatchInfo:
             # Only the token ids cross to the device; the [bs, vocab] tables are built there.
             shape = (len(params), vocab_size)
             out_index = dev(_flat_token_index(output_ids, rows, vocab_size))
+            late_rows = [r for r in rows if r in late]
+            if late_rows:
+                assert last_ids is not None
+                at = dev(torch.tensor(late_rows, dtype=torch.int64))
+                out_index = torch.cat([out_index, at * vocab_size + last_ids.index_select(0, at)])
             info.output_counts = _count_on_device(out_index, shape)
             prompt_index = dev(_flat_token_index(prompt_ids, rows, vocab_size))
             info.prompt_mask = _mask_on_device(prompt_index, shape)

@@ -59,11 +59,21 @@ class KVManager:
         return out
 
     def extend(self, req: Req, slots: torch.Tensor) -> None:
-        """Record KV slots for fill_ids[kv_len : kv_len + len(slots)] (written by the forward)."""
+        """Record KV slots for fill_ids[kv_len : kv_len + len(slots)] and count them in kv_len
+        (the batch being built writes them)."""
         end = req.kv_len + int(slots.shape[0])
         self.req_pool.req_to_token[req.req_pool_idx, req.kv_len : end] = slots.to(
             self.req_pool.req_to_token
         )
+        req.kv_len = end
+
+    def truncate(self, req: Req, n: int) -> None:
+        """Free the KV slots of fill_ids[n:kv_len]: a request found finished while its next
+        decode step was already launched (overlap scheduling) gives back that step's slot."""
+        if req.kv_len > n:
+            row = self.req_pool.req_to_token[req.req_pool_idx]
+            self.allocator.free(row[n : req.kv_len].to(torch.int64))
+            req.kv_len = n
 
     def cache_and_release(self, req: Req) -> None:
         """Request done: hand its KV to the radix tree (or free it) and release its slot."""

@@ -226,6 +226,7 @@ class SchedulerLoop:
 
     def flush_cache(self, req_id: str) -> FlushCacheResp:
         s = self.scheduler
+        s.sync()  # a launched batch's requests may still own cached prefixes
         if s.running or s.waiting or s.chunked is not None:
             n = len(s.running) + len(s.waiting) + (s.chunked is not None)
             return FlushCacheResp(

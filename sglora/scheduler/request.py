@@ -2,7 +2,11 @@
 
 KV ownership: `req_to_token[req_pool_idx, :kv_len]` are the KV slots of the first `kv_len`
 tokens of `fill_ids`; the first `prefix_len` of them belong to the radix tree (locked through
-`last_node`), the rest to this request until it finishes or is retracted.
+`last_node`), the rest to this request until it finishes or is retracted. `kv_len` advances
+when a batch is built, so it counts KV that a launched step is still writing.
+
+With overlap scheduling a token is sampled on the device a step before the host reads it:
+`tokens_in_flight` counts those, and `output_len` is what the request has generated, read or not.
 """
 
 from __future__ import annotations
@@ -34,10 +38,9 @@ class Req:
 
     # KV bookkeeping
     req_pool_idx: int | None = None
-    kv_len: int = 0  # tokens of fill_ids with KV written
+    kv_len: int = 0  # tokens of fill_ids with KV written (or queued to be, by a launched step)
     prefix_len: int = 0  # leading tokens whose KV the radix tree owns
     last_node: Any = None  # radix TreeNode locked for the prefix
-    chunk_end: int = 0  # fill_ids[:chunk_end] will have KV after the current extend
 
     # Results not yet sent
     pending_token_ids: list[int] = field(default_factory=list)
@@ -51,6 +54,7 @@ class Req:
     lora_wait_rounds: int = 0  # prefill rounds this request waited for an adapter slot
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     admitted_once: bool = False
+    tokens_in_flight: int = 0  # sampled by launched steps, not yet in output_ids (0 to 2)
 
     @classmethod
     def from_message(cls, m: TokenizedGenerateReq) -> Req:
@@ -86,6 +90,17 @@ class Req:
     @property
     def prompt_len(self) -> int:
         return len(self.origin_input_ids)
+
+    @property
+    def output_len(self) -> int:
+        """Tokens generated so far, those the host has not read yet included."""
+        return len(self.output_ids) + self.tokens_in_flight
+
+    def ends_by_length(self, context_len: int) -> bool:
+        """Whether the tokens generated so far end the request whatever their values
+        (max_new_tokens or the context length): it needs no further decode step."""
+        n = self.output_len
+        return n >= self.sampling_params.max_new_tokens or self.prompt_len + n >= context_len
 
     @property
     def finished(self) -> bool:

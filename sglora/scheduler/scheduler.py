@@ -5,6 +5,12 @@ Each `step()` runs one batch: a prefill (new requests and one chunked request, u
 budget) when anything waits and fits, else a decode step over every running request. KV that
 runs out during decode is recovered by retracting requests back to the waiting queue; their
 computed KV goes to the prefix cache, so resuming them is cheap and gives the same tokens.
+
+Overlap scheduling (default; `--disable-overlap-schedule` turns it off): a step launches its
+batch, then processes the batch the previous step launched, so the host reads step n's tokens
+and builds step n+1 while the device computes. A request that step n finishes by a stop token
+or string is found a step late: its token from step n+1 is dropped and that step's KV slot
+freed. A request that a length limit ends is known to end at launch and is not decoded again.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from sglora.messages import ReqOutput, TokenizedGenerateReq
 from sglora.model_executor.forward_batch import ForwardMode
 from sglora.model_executor.model_runner import ModelRunner
 from sglora.model_executor.sampler import SamplingBatchInfo
+from sglora.model_executor.step_output import StepResult
 from sglora.scheduler.batch import ScheduleBatch
 from sglora.scheduler.kv_manager import KVManager
 from sglora.scheduler.policy import order_waiting
@@ -52,6 +59,8 @@ class Scheduler:
         self._outputs: list[ReqOutput] = []
         self.lora = runner.lora_manager  # None without --enable-lora
         self.pending_unloads: list[str] = []
+        self.overlap = not args.disable_overlap_schedule
+        self.in_flight: ScheduleBatch | None = None  # launched, results not processed yet
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -106,7 +115,12 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(
-            self.waiting or self.running or self.chunked or self._outputs or self.pending_unloads
+            self.waiting
+            or self.running
+            or self.chunked
+            or self.in_flight is not None
+            or self._outputs
+            or self.pending_unloads
         )
 
     # ---- adapters ----------------------------------------------------------------------------
@@ -133,9 +147,16 @@ class Scheduler:
         self._finish_unloads()
 
     def _finish_unloads(self) -> list[str]:
+        # a launched batch still reads its adapters' slots, finished requests' rows included
+        in_flight = self.in_flight.reqs if self.in_flight is not None else []
         busy = {
             r.lora_name
-            for r in [*self.waiting, *self.running, *([self.chunked] if self.chunked else [])]
+            for r in [
+                *self.waiting,
+                *self.running,
+                *([self.chunked] if self.chunked else []),
+                *in_flight,
+            ]
         }
         done = [n for n in self.pending_unloads if n not in busy]
         for name in done:
@@ -151,19 +172,51 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------
 
     def step(self) -> list[ReqOutput]:
-        """Run at most one batch; return every request's new output since the last step."""
+        """Launch at most one batch, process the one launched before it (with overlap) or this
+        one (without); return every request's new output since the last step."""
         batch = self._prefill_batch() or self._decode_batch()
         if batch is not None:
-            self._run(batch)
+            self._launch(batch)
+        # Step n's results are read only now, after step n+1 is queued behind it on the device.
+        done, self.in_flight = self.in_flight, batch
+        if done is not None:
+            self._process(done)
+        if self.overlap:
+            self._release_length_ended()
+        else:
+            self.sync()
         if self.pending_unloads:
             self._finish_unloads()
         outputs, self._outputs = self._outputs, []
         return outputs
 
+    def sync(self) -> None:
+        """Process the batch in flight, if any (waits for the device); its outputs come with
+        the next step's."""
+        done, self.in_flight = self.in_flight, None
+        if done is not None:
+            self._process(done)
+
+    def _release_length_ended(self) -> None:
+        """A request that a length limit ends needs no KV for its last token, in flight now.
+        Once the host has read all its other tokens, its KV goes to the prefix cache, before
+        the next batch is built, as it does without overlap: both modes then see the same free
+        KV and take the same decisions."""
+        if self.in_flight is None:
+            return
+        for req, samples in zip(self.in_flight.reqs, self.in_flight.samples):
+            if (
+                samples
+                and req.tokens_in_flight == 1
+                and req.req_pool_idx is not None
+                and not req.finished
+                and req.ends_by_length(self.context_len)
+            ):
+                self.kv.cache_and_release(req)
+
     def _decode_reserve(self, extra: list[Req]) -> int:
         remaining = sum(
-            max(r.sampling_params.max_new_tokens - len(r.output_ids), 0)
-            for r in [*self.running, *extra]
+            max(r.sampling_params.max_new_tokens - r.output_len, 0) for r in [*self.running, *extra]
         )
         return int(remaining * self.new_token_ratio)
 
@@ -178,6 +231,7 @@ class Scheduler:
         candidates += sorted(ordered, key=lambda r: r.lora_wait_rounds <= LORA_STARVATION_ROUNDS)
         picked: list[Req] = []
         slots: list[torch.Tensor] = []
+        starts: list[int] = []
         for req in candidates:
             if req is not self.chunked:
                 if len(self.running) + len(picked) >= self.args.max_running_requests:
@@ -203,17 +257,18 @@ class Scheduler:
                 if req is not self.chunked and req.kv_len == req.prefix_len:
                     self._requeue(req)
                 break
+            starts.append(req.kv_len)
             self.kv.extend(req, got)
-            req.chunk_end = req.kv_len + n
             picked.append(req)
             slots.append(got)
             budget -= n
-            self.chunked = req if req.chunk_end < req.fill_len else None
+            self.chunked = req if req.kv_len < req.fill_len else None
             if budget <= 0 or self.chunked is not None:
                 break
         if not picked:
             return None
-        return ScheduleBatch(ForwardMode.EXTEND, picked, torch.cat(slots))
+        ends = [r.kv_len for r in picked]
+        return ScheduleBatch(ForwardMode.EXTEND, picked, torch.cat(slots), starts, ends)
 
     def _adapter_fits(self, req: Req, picked: list[Req]) -> bool:
         if req.lora_name is None:
@@ -232,18 +287,19 @@ class Scheduler:
             self._retract_one()
         else:
             return None
+        starts = [r.kv_len for r in self.running]
         for req, slot in zip(self.running, slots.view(-1, 1)):
             self.kv.extend(req, slot)
-            req.chunk_end = req.kv_len + 1
         self.new_token_ratio = max(
             MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY
         )
-        return ScheduleBatch(ForwardMode.DECODE, list(self.running), slots)
+        ends = [s + 1 for s in starts]
+        return ScheduleBatch(ForwardMode.DECODE, list(self.running), slots, starts, ends)
 
     def _retract_one(self) -> None:
         """Move the running request that loses least (fewest outputs, longest prompt) back to
         the front of the waiting queue; its KV goes to the prefix cache."""
-        victim = min(self.running, key=lambda r: (len(r.output_ids), -r.prompt_len))
+        victim = min(self.running, key=lambda r: (r.output_len, -r.prompt_len))
         self.running.remove(victim)
         self.kv.cache_and_release(victim)
         self._requeue(victim)
@@ -258,48 +314,59 @@ class Scheduler:
 
     # ---- run and process ---------------------------------------------------------------
 
-    def _run(self, batch: ScheduleBatch) -> None:
-        fb = batch.to_forward_batch(self.runner.device)
-        logits = self.runner.forward(fb)
+    def _launch(self, batch: ScheduleBatch) -> None:
+        """Queue the batch on the device and do the bookkeeping that does not depend on its
+        tokens. Nothing here waits for the device."""
         reqs = batch.reqs
+        fb = batch.to_forward_batch(self.runner.device, self.runner.last_token_ids)
         info = SamplingBatchInfo.from_requests(
             [r.sampling_params for r in reqs],
             [r.origin_input_ids for r in reqs],
             [r.output_ids for r in reqs],
             self.runner.model_config.vocab_size,
             self.runner.device,
+            # decode rows whose input token (their last output) the host has not read yet
+            [i for i, r in enumerate(reqs) if r.tokens_in_flight],
+            fb.input_ids,
         )
         top_n = max((r.top_logprobs_num for r in reqs), default=0)
-        sampled = self.runner.sampler(logits.next_token_logits, info, top_n)
-        next_ids = sampled.next_token_ids.tolist()
-        next_lp = sampled.logprobs.tolist()
-        top_ids = sampled.top_logprob_ids.tolist() if top_n else None
-        top_vals = sampled.top_logprob_vals.tolist() if top_n else None
-        self._collect_input_logprobs(batch, logits)
+        batch.output = self.runner.forward_and_sample(fb, info, top_n)
+        for req, samples in zip(reqs, batch.samples):
+            req.tokens_in_flight += samples
+        # A request whose length limit this token reaches leaves the running set now: no
+        # decode step is spent on it (it is finished when its token is read).
+        ctx = self.context_len
+        if batch.mode is ForwardMode.EXTEND:
+            self.running += [
+                r for r, s in zip(reqs, batch.samples) if s and not r.ends_by_length(ctx)
+            ]
+        else:
+            self.running = [r for r in self.running if not r.ends_by_length(ctx)]
 
-        for i, req in enumerate(reqs):
-            complete = batch.is_prefill_complete(req)
-            req.kv_len = req.chunk_end
-            if req.finished:  # aborted while the batch ran
+    def _process(self, batch: ScheduleBatch) -> None:
+        """Read a launched batch's tokens (waits for the device to finish it) and apply them:
+        stop checks, KV release, outputs."""
+        out = batch.output.wait()
+        self._collect_input_logprobs(batch, out)
+        for i, (req, samples) in enumerate(zip(batch.reqs, batch.samples)):
+            # skipped: a prefill chunk; a request aborted meanwhile, or one that a stop ended
+            # a step earlier (this is the extra token of its overlapped step: dropped)
+            if not samples or req.finished:
                 continue
-            if not complete:
-                continue
+            req.tokens_in_flight -= 1
             if batch.mode is ForwardMode.EXTEND:
                 req.input_logprobs_done = True
                 if req.sampling_params.max_new_tokens == 0:  # prompt scoring only
                     req.finish({"type": "length", "length": 0})
-                    self.kv.cache_and_release(req)
+                    if req.req_pool_idx is not None:
+                        self.kv.cache_and_release(req)
                     self._outputs.append(req.take_output())
                     continue
-                self.running.append(req)
-            self._append_token(
-                req,
-                next_ids[i],
-                next_lp[i],
-                list(zip(top_ids[i][: req.top_logprobs_num], top_vals[i][: req.top_logprobs_num]))
-                if top_n
-                else None,
-            )
+            top = None
+            if out.top_ids is not None:
+                k = req.top_logprobs_num
+                top = list(zip(out.top_ids[i][:k], out.top_vals[i][:k]))
+            self._append_token(req, out.next_token_ids[i], out.logprobs[i], top)
         self.running = [r for r in self.running if not r.finished]
 
     def _append_token(
@@ -310,9 +377,15 @@ class Scheduler:
         req.pending_logprobs.append(logprob)
         if top is not None:
             req.pending_top_logprobs.append(top)
+        retracted = req.state is ReqState.WAITING  # while this token was in flight
         req.check_finished(self.eos_ids, self._stop_text_hit(req), self.context_len)
         if req.finished:
-            self.kv.cache_and_release(req)
+            if retracted:
+                self.waiting.remove(req)
+            if req.req_pool_idx is not None:  # else retracted or released at its last launch
+                # its last token needs no KV; more is the slot of a step launched meanwhile
+                self.kv.truncate(req, req.fill_len - 1)
+                self.kv.cache_and_release(req)
         self._outputs.append(req.take_output())
 
     def _stop_text_hit(self, req: Req) -> str | None:
@@ -324,22 +397,20 @@ class Scheduler:
         tail = self.tokenizer.decode(req.output_ids[-window:], skip_special_tokens=False)
         return next((s for s in stops if s in tail), None)
 
-    def _collect_input_logprobs(self, batch: ScheduleBatch, logits: Any) -> None:
-        if logits.input_logprobs is None:
+    def _collect_input_logprobs(self, batch: ScheduleBatch, out: StepResult) -> None:
+        if out.input_logprobs is None:
             return
-        vals = logits.input_logprobs.tolist()
-        top_ids = logits.input_top_ids.tolist() if logits.input_top_ids is not None else None
-        top_vals = logits.input_top_vals.tolist() if logits.input_top_vals is not None else None
+        vals, top_ids, top_vals = out.input_logprobs, out.input_top_ids, out.input_top_vals
         row = 0
-        for req in batch.reqs:
+        for req, start, end in zip(batch.reqs, batch.starts, batch.ends):
             if not req.wants_input_logprobs:
                 continue
             fill = req.origin_input_ids  # prompt logprobs score prompt tokens only
-            if req.kv_len == 0 and req.logprob_start_len == 0:
+            if start == 0 and req.logprob_start_len == 0:
                 req.input_token_logprobs.append((fill[0], None))
                 req.input_top_logprobs.append(None)
             first = max(req.logprob_start_len, 1) - 1
-            for p in range(max(req.kv_len, first), min(req.chunk_end, req.prompt_len - 1)):
+            for p in range(max(start, first), min(end, req.prompt_len - 1)):
                 req.input_token_logprobs.append((fill[p + 1], vals[row]))
                 if top_ids is not None and req.top_logprobs_num:
                     k = req.top_logprobs_num
@@ -351,5 +422,9 @@ class Scheduler:
     # ---- checks --------------------------------------------------------------------------
 
     def check_integrity(self) -> None:
-        owners = [*self.running, *([self.chunked] if self.chunked else [])]
-        self.kv.check_integrity(owners)
+        # a launched batch's requests own KV until processed, length-ended ones included
+        in_flight = self.in_flight.reqs if self.in_flight is not None else []
+        owners = {id(r): r for r in [*self.running, *in_flight]}
+        if self.chunked:
+            owners[id(self.chunked)] = self.chunked
+        self.kv.check_integrity(list(owners.values()))

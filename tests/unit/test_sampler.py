@@ -290,6 +290,32 @@ def test_repetition_counts_the_prompt_but_frequency_and_presence_only_outputs() 
     assert out.tolist() == [[1.0, -4.0, 1.0 - 2 * 0.5 - 0.25, 2.0]]
 
 
+def test_a_token_in_flight_counts_as_if_the_host_had_read_it() -> None:
+    """Overlap scheduling: a row's last output token is still on the device (`last_ids`).
+    Penalty tables and seeded steps must equal those built with the token in `output_ids`."""
+    gen = torch.Generator().manual_seed(5)
+    vocab = 30
+    params = [
+        SamplingParams(temperature=0.7, seed=3, frequency_penalty=0.5, presence_penalty=0.2),
+        SamplingParams(temperature=0.0, repetition_penalty=1.3),
+        SamplingParams(temperature=0.9, seed=8),  # no penalty, token in flight
+        SamplingParams(temperature=0.0, frequency_penalty=1.0),  # penalty, nothing in flight
+    ]
+    prompts = [torch.randint(0, vocab, (6,), generator=gen).tolist() for _ in params]
+    outputs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (4, 0, 2, 3)]
+    last = torch.tensor([7, 7, 11, 5])  # rows 0-2 sampled these; row 3's token is read
+    read = [o + [int(t)] if i < 3 else o for i, (o, t) in enumerate(zip(outputs, last))]
+    want = make_info(params, vocab, prompts, read)
+    got = SamplingBatchInfo.from_requests(params, prompts, outputs, vocab, "cpu", [0, 1, 2], last)
+    assert torch.equal(got.steps, want.steps)
+    assert torch.equal(got.output_counts, want.output_counts)
+    assert torch.equal(got.prompt_mask, want.prompt_mask)
+    logits = torch.randn(4, vocab, generator=gen)
+    assert torch.equal(
+        Sampler()(logits, got).next_token_ids, Sampler()(logits, want).next_token_ids
+    )
+
+
 def test_sampler_leaves_the_callers_logits_untouched() -> None:
     logits = torch.randn(2, 10)
     before = logits.clone()
