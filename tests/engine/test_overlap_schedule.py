@@ -12,6 +12,7 @@ import torch
 
 from sglora.engine import Engine
 from sglora.messages import SamplingParams, TokenizedGenerateReq
+from sglora.model_executor.forward_batch import ForwardMode
 from sglora.testing.adapters import tiny_adapter_paths
 from sglora.testing.tiny import tiny_model_path
 from tests.conftest import random_prompts
@@ -75,7 +76,7 @@ def count_decode_rows(engine: Engine) -> list[int]:
     real = runner.forward_and_sample
 
     def watched(fb, info, top_n):
-        if fb.forward_mode.name == "DECODE":
+        if fb.forward_mode is ForwardMode.DECODE:
             sizes.append(fb.batch_size)
         return real(fb, info, top_n)
 
