@@ -39,7 +39,7 @@ for step in $STEPS; do
         cp benchmarks/results/decode_*.json "$OUT/"
         ;;
     serving)
-        SCENARIOS=b SERVER_ARGS="--tp-size $TP" OUT="$OUT/serving" bash scripts/device_serving.sh
+        SCENARIOS=b SERVER_ARGS="--tp-size $TP ${SERVER_ARGS:-}" OUT="$OUT/serving" bash scripts/device_serving.sh
         ;;
     esac
     echo "== $step: $(($(date +%s) - start)) s"

@@ -143,6 +143,12 @@ class ModelRunner:
         self.graph_runner = None
         if self.device.type != "cuda" or self.args.disable_cuda_graph:
             return
+        if not self.attn_backend.supports_cuda_graph:
+            logger.warning(
+                "attention backend %s cannot be captured: decode runs eagerly",
+                self.args.attention_backend,
+            )
+            return
         from sglora.model_executor.cuda_graph_runner import (
             CudaGraphRunner,
             default_capture_sizes,

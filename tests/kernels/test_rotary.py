@@ -58,3 +58,28 @@ def test_int32_positions_and_bad_inputs():
         rotary_embedding(pos, q, k, cache, 12)
     with pytest.raises(ValueError, match="cos_sin_cache"):
         rotary_embedding(pos, q, k, cache_for(32), 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled roundings: GPU only")
+@pytest.mark.parametrize("norm", [False, True], ids=["rope", "norm+rope"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_rotary_rounds_like_reference_on_gpu(dtype, norm):
+    """The kernel rounds where PyTorch (and HF) round, so a 16-bit result differs from the
+    twin's by at most one unit in the last place: a looser gap would move logprobs off HF."""
+    t, hq, hk, d = 257, 32, 4, 128
+    qkv = randn(t, (hq + 2 * hk) * d, dtype=dtype, seed=5, scale=2.0)
+    q, k = qkv[:, : hq * d], qkv[:, hq * d : (hq + hk) * d]
+    positions = torch.randint(0, 512, (t,), generator=torch.Generator().manual_seed(5)).cuda()
+    head_norm = None
+    if norm:
+        head_norm = (randn(d, dtype=dtype, seed=7), randn(d, dtype=dtype, seed=8), 1e-6)
+    want_q, want_k = rotary_ref(positions, q, k, cache_for(d), d, head_norm)
+    rotary_embedding(positions, q, k, cache_for(d), d, head_norm)
+    for got, want in ((q, want_q), (k, want_k)):
+        ulp = torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        off = (got.float() - want.float()).abs() > ulp
+        print(
+            f"{dtype} norm={norm}: {off.sum().item()} of {off.numel()} differ by > 1 ulp, "
+            f"{(got != want).sum().item()} differ at all"
+        )
+        assert not off.any()

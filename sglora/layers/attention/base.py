@@ -14,6 +14,10 @@ if TYPE_CHECKING:
 
 
 class AttentionBackend(ABC):
+    # Decode graphs need fixed-address metadata (`init_cuda_graph_state`); a backend that
+    # reads host-side lengths per batch cannot be captured.
+    supports_cuda_graph = False
+
     def init_forward_metadata(self, batch: ForwardBatch) -> None:  # noqa: B027 - optional hook
         """Precompute per-batch indices once, before the layers run."""
 

@@ -47,6 +47,8 @@ class TritonAttnMetadata:
 
 @register_attention_backend("triton")
 class TritonAttnBackend(AttentionBackend):
+    supports_cuda_graph = True
+
     def __init__(self, num_sms: int | None = None, max_kv_splits_cap: int = 32):
         # Imported here, not at module level: triton.jit reads TRITON_INTERPRET when a kernel
         # is decorated, and importing the model runner must not fix that choice early.
