@@ -82,7 +82,6 @@ class LoRAManager:
             AdapterLimits(args.max_lora_rank, max_bytes),
             allow_hub=not args.disable_lora_hub_download,
             host_dtype=dtype,
-            pin_memory=device.type == "cuda",
         )
         initial = parse_lora_paths(args.lora_paths)
         # parse the initial adapters first: they size the pool when no targets are given

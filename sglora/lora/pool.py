@@ -191,7 +191,8 @@ class LoRASlotPool:
 def _put(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy host weights into a slot view. From page-locked memory in the slot dtype this is a
     DMA the host does not wait for (LoRAManager._timed_load synchronises before the host copy
-    can be dropped); otherwise (pageable, a TP slice, another dtype) a plain copy (torch stages
-    those through temporaries that must not outlive an asynchronous copy)."""
+    can be dropped); otherwise (the registry's pageable cache, a TP slice, another dtype) a
+    plain copy (torch stages those through temporaries that must not outlive an asynchronous
+    copy)."""
     dma = src.is_pinned() and src.dtype == dst.dtype and src.is_contiguous()
     dst.copy_(src, non_blocking=dma)
