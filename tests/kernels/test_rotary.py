@@ -75,11 +75,14 @@ def test_rotary_rounds_like_reference_on_gpu(dtype, norm):
         head_norm = (randn(d, dtype=dtype, seed=7), randn(d, dtype=dtype, seed=8), 1e-6)
     want_q, want_k = rotary_ref(positions, q, k, cache_for(d), d, head_norm)
     rotary_embedding(positions, q, k, cache_for(d), d, head_norm)
-    for got, want in ((q, want_q), (k, want_k)):
+    for name, got, want in (("q", q, want_q), ("k", k, want_k)):
         ulp = torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)
-        off = (got.float() - want.float()).abs() > ulp
-        print(
-            f"{dtype} norm={norm}: {off.sum().item()} of {off.numel()} differ by > 1 ulp, "
-            f"{(got != want).sum().item()} differ at all"
+        gap = (got.float() - want.float()).abs()
+        off = gap > ulp
+        where = off.nonzero()[:4].tolist()
+        assert not off.any(), (
+            f"{name}: {off.sum().item()} of {off.numel()} values differ by more than 1 ulp "
+            f"({(got != want).sum().item()} differ at all); first at {where}: "
+            f"got {[got[i, j].item() for i, j in where]}, "
+            f"want {[want[i, j].item() for i, j in where]}"
         )
-        assert not off.any()
