@@ -114,4 +114,6 @@ def rotary_embedding(
         q.stride(0), k.stride(0), cos_sin_cache.stride(0),
         NORM=head_norm is not None, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
         BLOCK_HALF=block_half, num_warps=num_warps,
+        # no mul+add -> fma contraction: every product is rounded to q's dtype, as in PyTorch
+        enable_fp_fusion=False,
     )  # fmt: skip
