@@ -186,9 +186,10 @@ class LoRAManager:
         return slot
 
     def _timed_load(self, slot: int, adapter: LoRAAdapter) -> None:
-        """pool.load, timed for the slot-load histogram. Device copies are asynchronous, so the
-        GPU is synchronised around the load: loads are rare next to steps, and the first sync
-        finds the device idle (the previous step's tokens were already read back)."""
+        """pool.load, timed for the slot-load histogram. The first sync is also what makes
+        eviction safe: with overlap scheduling the batch in flight may still read the victim's
+        slot, which is overwritten only once the device is done with it. The second makes the
+        time the copy's (loads are rare next to steps; the overlap is lost for this one)."""
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
