@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 from sglora.testing.tiny import tiny_model_path  # noqa: E402
 
 MOE_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
-DENSE_FAMILIES = ["llama", "qwen2", "qwen3"]
+DENSE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 ALL_FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
 
 

@@ -7,6 +7,7 @@ refuses what sglora cannot run with a one-line error naming the offending field.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from sglora.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -29,7 +32,11 @@ def resolve_model_dir(path: str) -> Path:
 
         return Path(
             snapshot_download(
-                path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+                path,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+                # Mistral repos also hold the weights in Mistral's own format (a second copy
+                # under other names), which sglora does not read
+                ignore_patterns=["consolidated*"],
             )
         )
     except Exception as e:  # noqa: BLE001 - any hub failure is a config problem for the user
@@ -96,6 +103,14 @@ class ModelConfig:
                 raise ConfigError(
                     f"--context-length: {context_length} exceeds the model's "
                     f"sliding_window {window}, which sglora does not implement"
+                )
+            if context_length is None:
+                logger.info(
+                    "context length capped to the model's sliding_window %d "
+                    "(max_position_embeddings %d): sglora does not implement sliding-window "
+                    "attention, which equals full attention within the window",
+                    window,
+                    model_len,
                 )
             model_len = window
         return cls(

@@ -187,7 +187,9 @@ def _fused_dense(cfg, layers, r, rnd):
             k = f"{_PRE}.{layer}.{block}"
             served_t[f"{k}.{fused}.lora_A.weight"], served_t[f"{k}.{fused}.lora_B.weight"] = a, b
             for part, bb in zip(parts, b.split([sizes[p] for p in parts])):
-                ref_t[f"{k}.{part}.lora_A.weight"], ref_t[f"{k}.{part}.lora_B.weight"] = a, bb
+                # a copy of A per part: safetensors refuses tensors that share memory
+                ref_t[f"{k}.{part}.lora_A.weight"] = a.clone()
+                ref_t[f"{k}.{part}.lora_B.weight"] = bb
     return served_t, ref_t, {"target_modules": list(sizes)}
 
 

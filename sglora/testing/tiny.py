@@ -30,6 +30,7 @@ from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
     LlamaConfig,
+    MistralConfig,
     MixtralConfig,
     OlmoeConfig,
     PretrainedConfig,
@@ -148,6 +149,19 @@ def _llama(**kw: Any) -> PretrainedConfig:
     return LlamaConfig(**{**_COMMON, **fields, **kw})
 
 
+def _mistral(**kw: Any) -> PretrainedConfig:
+    # v0.1's shape: a sliding window below max_position_embeddings (so the context is capped to
+    # it, model_config.py), and head_dim set apart from hidden_size / heads, as Mistral-Nemo does.
+    fields = dict(
+        architectures=["MistralForCausalLM"],
+        intermediate_size=128,
+        max_position_embeddings=32768,
+        sliding_window=4096,
+        head_dim=32,
+    )
+    return MistralConfig(**{**_COMMON, **fields, **kw})
+
+
 def _qwen2(**kw: Any) -> PretrainedConfig:
     fields = dict(architectures=["Qwen2ForCausalLM"], intermediate_size=128)
     return Qwen2Config(**{**_COMMON, **fields, **kw})  # q/k/v bias is built into the model
@@ -192,6 +206,7 @@ def _olmoe(**kw: Any) -> PretrainedConfig:
 
 FAMILIES: dict[str, Callable[..., PretrainedConfig]] = {
     "llama": _llama,
+    "mistral": _mistral,
     "qwen2": _qwen2,
     "qwen3": _qwen3,
     "qwen3_moe": _qwen3_moe,

@@ -26,7 +26,9 @@ GREEDY = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
 
 
 @pytest.mark.parametrize("lora_backend", ["csgmv", "triton"])
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "llama"])
+@pytest.mark.parametrize(
+    "family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "llama", "mistral"]
+)
 def test_bf16_mixed_batch_matches_peft(family, lora_backend):
     _, paths, order, prompts, results = run_mixed_batch(
         family, GREEDY, lora_backend=lora_backend, **GPU_BF16

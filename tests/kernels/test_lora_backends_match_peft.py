@@ -12,7 +12,9 @@ from sglora.engine import Engine
 
 
 @pytest.mark.parametrize(
-    "backend, family", [("triton", "llama"), ("csgmv", "llama"), ("csgmv", "qwen3_moe")]
+    "backend, family",
+    # mistral: q/o widths (heads · head_dim 32) unlike hidden 64
+    [("triton", "llama"), ("csgmv", "llama"), ("csgmv", "mistral"), ("csgmv", "qwen3_moe")],
 )
 def test_lora_backend_matches_peft(backend, family, monkeypatch):
     forced = {

@@ -20,7 +20,7 @@ MOE_KINDS = [
     "per_expert",
     "shared_outer",
 ]
-DENSE_KINDS = ["attn", "experts", "attn_experts_rslora", "mixed_ranks", "embed_head"]
+DENSE_KINDS = ["attn", "experts", "attn_experts_rslora", "mixed_ranks", "embed_head", "fused_dense"]
 GREEDY = {"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True}
 
 
@@ -66,7 +66,9 @@ def run_mixed_batch(family: str, sampling_params: dict = GREEDY, **engine_kw):
     return kinds, paths, order, prompts, results
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "llama"])
+@pytest.mark.parametrize(
+    "family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "llama", "mistral"]
+)
 def test_mixed_adapter_batch_matches_peft(family):
     kinds, paths, order, prompts, results = run_mixed_batch(family)
     base_model = load_reference(family, None)

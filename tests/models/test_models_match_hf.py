@@ -71,6 +71,17 @@ LLAMA3_ROPE = {
                 "overrides": {"rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True},
             },
         ),
+        (  # v0.2/v0.3: no sliding window, head_dim = hidden / heads; tied here
+            "mistral",
+            {
+                "variant": "v03_tied",
+                "overrides": {
+                    "sliding_window": None,
+                    "head_dim": None,
+                    "tie_word_embeddings": True,
+                },
+            },
+        ),
     ],
 )
 def test_checkpoint_variants_match_hf(family, kwargs, tiny_path):
@@ -83,6 +94,25 @@ def test_checkpoint_variants_match_hf(family, kwargs, tiny_path):
         return_logprob=True,
         logprob_start_len=0,
     )
+    check_against_hf(path, prompts, results)
+
+
+def test_mistral_sliding_window_caps_the_context_and_matches_hf(tiny_path):
+    """Mistral v0.1-style window (here 64) below max_position_embeddings: the context is the
+    window, and to its last token the engine equals HF's sliding-window attention. Each request
+    runs alone (test_engine_logprobs_match_hf runs them batched)."""
+    path = tiny_path("mistral", variant="window64", overrides={"sliding_window": 64})
+    engine = Engine(model_path=str(path), device="cpu")
+    assert engine.model_config.context_len == 64
+    prompts = random_prompts(engine.model_config.vocab_size, [40, 63], seed=3)
+    sampling = {"max_new_tokens": 30, "temperature": 0.0, "ignore_eos": True}
+    results = [
+        engine.generate(
+            input_ids=p, sampling_params=sampling, return_logprob=True, logprob_start_len=0
+        )
+        for p in prompts
+    ]
+    assert [len(p) + len(r["output_ids"]) for p, r in zip(prompts, results)] == [64, 64]
     check_against_hf(path, prompts, results)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from sglora.config import ConfigError, ServerArgs
 from sglora.engine import Engine
 from sglora.launch_server import main
-from sglora.model_executor.model_config import ModelConfig
+from sglora.model_executor.model_config import ModelConfig, resolve_model_dir
 
 
 def test_cli_is_generated_from_the_dataclass():
@@ -68,9 +69,9 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
         ModelConfig.load(str(tmp_path / "nope"))
 
 
-def _patched_copy(tiny_path, tmp_path, **changes):
+def _patched_copy(tiny_path, tmp_path, family="llama", **changes):
     dst = tmp_path / "model"
-    shutil.copytree(tiny_path("llama"), dst)
+    shutil.copytree(tiny_path(family), dst)
     cfg = json.loads((dst / "config.json").read_text())
     cfg.update(changes)
     (dst / "config.json").write_text(json.dumps(cfg))
@@ -101,6 +102,47 @@ def test_unsupported_rope_type_names_the_field(tiny_path, tmp_path):
 def test_context_length_above_model_limit(tiny_path):
     with pytest.raises(ConfigError, match="--context-length"):
         ModelConfig.load(str(tiny_path("llama")), context_length=10**7)
+
+
+@pytest.mark.parametrize(
+    "window, requested, want",
+    [
+        (4096, None, 4096),  # Mistral v0.1: the window caps max_position_embeddings 32768
+        (4096, 1000, 1000),
+        (None, None, 32768),  # v0.2/v0.3: no window
+        (None, 8192, 8192),
+    ],
+)
+def test_mistral_context_is_capped_to_its_sliding_window(
+    tiny_path, tmp_path, caplog, window, requested, want
+):
+    dst = _patched_copy(tiny_path, tmp_path, "mistral", sliding_window=window)
+    with caplog.at_level(logging.INFO, logger="sglora.model_executor.model_config"):
+        cfg = ModelConfig.load(str(dst), context_length=requested)
+    assert cfg.context_len == want
+    capped = window is not None and requested is None
+    assert ("context length capped to the model's sliding_window 4096" in caplog.text) == capped
+
+
+def test_mistral_context_beyond_the_sliding_window_is_refused(tiny_path, tmp_path):
+    dst = _patched_copy(tiny_path, tmp_path, "mistral", sliding_window=64)
+    msg = "--context-length: 128 exceeds the model's sliding_window 64, which sglora does not"
+    with pytest.raises(ConfigError, match=f"^{msg} implement$"):
+        ModelConfig.load(str(dst), context_length=128)
+    assert ModelConfig.load(str(dst), context_length=64).context_len == 64
+
+
+def test_hub_download_skips_mistral_native_weights(monkeypatch, tmp_path):
+    """Mistral repos hold a second copy of the weights as consolidated.safetensors."""
+    import huggingface_hub
+
+    seen = {}
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo, **kw: seen.update(kw) or str(tmp_path)
+    )
+    assert resolve_model_dir("mistralai/Mistral-7B-v0.3") == tmp_path
+    assert "*.safetensors" in seen["allow_patterns"]
+    assert seen["ignore_patterns"] == ["consolidated*"]
 
 
 def test_missing_weights_are_named(tiny_path, tmp_path):
