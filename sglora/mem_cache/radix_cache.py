@@ -5,6 +5,9 @@ Keys carry a namespace (the LoRA adapter name, None for the base model): the sam
 different adapters have different KV, so each namespace hangs off the root as its own subtree
 and namespaces never share a node. Locked nodes (prefixes of running requests) are never
 evicted; unlocked leaves are evicted least-recently-used first.
+
+Slot ids live on the host (as the allocator hands them out), so matching, caching and eviction
+never read a device tensor and never wait for a step in flight.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class TreeNode:
         self.children: dict[object, TreeNode] = {}
         self.parent = parent
         self.key = key
-        self.value = value  # int64 [len(key)] KV slots, on the allocator's device
+        self.value = value  # int64 [len(key)] KV slots, on the host
         self.namespace = namespace
         self.lock_ref = 0  # running requests whose prefix passes through this node
         self.last_access_time = 0  # RadixCache's logical clock, not wall time
@@ -86,7 +89,6 @@ def _common_prefix_len(key: tuple[int, ...], tokens: tuple[int, ...], start: int
 class RadixCache:
     def __init__(self, allocator: TokenToKVAllocator, disable: bool = False):
         self.allocator = allocator
-        self.device = allocator.device
         self.disabled = disable
         self._clock = itertools.count(1)
         self._new_tree()
@@ -100,12 +102,12 @@ class RadixCache:
         return self._root
 
     def _empty(self) -> torch.Tensor:
-        return torch.empty(0, dtype=torch.int64, device=self.device)
+        return torch.empty(0, dtype=torch.int64)
 
     # ---- lookup and insertion ----
 
     def match_prefix(self, key: RadixKey) -> tuple[torch.Tensor, TreeNode]:
-        """KV slots (int64 [n]) of the longest cached prefix of `key`, and the deepest node
+        """KV slots (host int64 [n]) of the longest cached prefix of `key`, and the deepest node
         matched; a match ending inside a node splits it so the node returned ends exactly there."""
         ns_root = None if self.disabled else self._root.children.get(key.namespace)
         if ns_root is None or not key.token_ids:
@@ -124,11 +126,13 @@ class RadixCache:
         return (torch.cat(values) if values else self._empty()), node
 
     def insert(self, key: RadixKey, value: torch.Tensor) -> int:
-        """Cache `key` with KV slots `value` (one per token); returns how many leading tokens
-        were already cached. The tree takes ownership of value[returned:]; the caller still owns
-        (and must free) its slots for the tokens already cached. Disabled: caches nothing, 0."""
+        """Cache `key` with KV slots `value` (host ints, one per token); returns how many
+        leading tokens were already cached. The tree takes ownership of value[returned:]; the
+        caller still owns (and must free) its slots for the tokens already cached. Disabled:
+        caches nothing, 0."""
         tokens = key.token_ids
         assert value.numel() == len(tokens), f"{value.numel()} KV slots for {len(tokens)} tokens"
+        assert value.device.type == "cpu", f"KV slots must be host values, not on {value.device}"
         if self.disabled or not tokens:
             return 0
         node, now, i = self._namespace_root(key.namespace), next(self._clock), 0
@@ -137,7 +141,7 @@ class RadixCache:
             if child is None:
                 leaf = TreeNode(
                     tokens[i:],
-                    value[i:].to(self.device, torch.int64, copy=True),
+                    value[i:].to(torch.int64, copy=True),
                     node,
                     key.namespace,
                 )
@@ -270,7 +274,7 @@ class RadixCache:
             stack.extend(node.children.values())
 
     def all_values(self) -> torch.Tensor:
-        """Every KV slot the tree holds, int64 on the device."""
+        """Every KV slot the tree holds, host int64."""
         values = [n.value for n in self._nodes() if n.key]
         return torch.cat(values) if values else self._empty()
 
@@ -299,6 +303,6 @@ class RadixCache:
             f"tree holds {evictable} evictable / {protected} protected tokens, counters say "
             f"{self._evictable} / {self._protected}"
         )
-        values = self.all_values().cpu()
+        values = self.all_values()
         assert values.unique().numel() == values.numel(), "a KV slot is held by two tree nodes"
         assert values.numel() == 0 or int(values.min()) >= 1, "the tree holds padding slot 0"

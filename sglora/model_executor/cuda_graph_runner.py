@@ -49,8 +49,9 @@ class CudaGraphRunner:
         self.sample_indices = torch.arange(max_bs, **i64)
         self.token_slots = torch.full((max_bs,), -1, **i64)
         # a request slot whose KV row is all padding slot 0, decoded by padded rows
-        self.pad_req = runner.req_to_token_pool.alloc()
-        runner.req_to_token_pool.req_to_token[self.pad_req].zero_()
+        pool = runner.req_to_token_pool
+        self.pad_req = pool.alloc()
+        pool.write(self.pad_req, 0, torch.zeros(pool.max_context_len, dtype=torch.int32))
         self.req_pool_indices = torch.full((max_bs,), self.pad_req, **i64)
         attn = runner.model.layers[0].self_attn.attn
         runner.attn_backend.init_cuda_graph_state(

@@ -120,7 +120,7 @@ class ModelRunner:
         self.kv_pool = KVPool(
             size, cfg.num_layers, self.kv_heads_local(), cfg.head_dim, cfg.dtype, self.device
         )
-        self.allocator = TokenToKVAllocator(size, self.device)
+        self.allocator = TokenToKVAllocator(size)
         self.req_to_token_pool = ReqToTokenPool(
             self.args.max_running_requests + 1, cfg.context_len + 1, self.device
         )

@@ -22,7 +22,7 @@ from sglora.scheduler.request import Req
 class ScheduleBatch:
     mode: ForwardMode
     reqs: list[Req]
-    out_cache_loc: torch.Tensor  # [num new tokens] KV slots, in request order
+    out_cache_loc: torch.Tensor  # [num new tokens] KV slots (host int64), in request order
     starts: list[int]  # [bs] tokens of fill_ids with KV before this step
     ends: list[int]  # [bs] ... after it: the step computes fill_ids[start:end]
     # [bs] the step computes the request's last missing token, so its sample is a real token

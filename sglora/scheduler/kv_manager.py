@@ -3,6 +3,8 @@ prefix cache — and the rules that keep them consistent (between the scheduler 
 
 Every token slot is, at any time, exactly one of: free in the allocator, held by the radix tree,
 or held by one running request beyond its tree-owned prefix. `check_integrity` asserts that.
+Which slots a request holds is read from the host copy of the req -> token table, so no free,
+truncate, eviction or caching reads the device (none waits for the step in flight).
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ class KVManager:
         )
         n = int(indices.shape[0])
         self.tree.inc_lock_ref(node)
-        self.req_pool.req_to_token[idx, :n] = indices.to(self.req_pool.req_to_token)
+        self.req_pool.write(idx, 0, indices)
         req.req_pool_idx, req.last_node, req.prefix_len, req.kv_len = idx, node, n, n
         return True
 
     def alloc_tokens(self, n: int) -> torch.Tensor | None:
-        """n KV slots, evicting unlocked cached prefixes if needed; None if impossible."""
+        """n KV slots (host int64), evicting unlocked cached prefixes if needed; None if
+        impossible."""
         out = self.allocator.alloc(n)
         if out is None:
             self.tree.evict(n - self.allocator.available_size())
@@ -61,27 +64,31 @@ class KVManager:
     def extend(self, req: Req, slots: torch.Tensor) -> None:
         """Record KV slots for fill_ids[kv_len : kv_len + len(slots)] and count them in kv_len
         (the batch being built writes them)."""
-        end = req.kv_len + int(slots.shape[0])
-        self.req_pool.req_to_token[req.req_pool_idx, req.kv_len : end] = slots.to(
-            self.req_pool.req_to_token
-        )
-        req.kv_len = end
+        self.req_pool.write(req.req_pool_idx, req.kv_len, slots)
+        req.kv_len += int(slots.shape[0])
+
+    def extend_decode(self, reqs: list[Req], slots: torch.Tensor) -> None:
+        """`extend` of one slot per request (slots [len(reqs)]), in one copy to the device."""
+        self.req_pool.write_tokens([r.req_pool_idx for r in reqs], [r.kv_len for r in reqs], slots)
+        for req in reqs:
+            req.kv_len += 1
+
+    def _slots(self, req: Req, start: int, end: int) -> torch.Tensor:
+        return self.req_pool.slots(req.req_pool_idx, start, end)
 
     def truncate(self, req: Req, n: int) -> None:
         """Free the KV slots of fill_ids[n:kv_len]: a request found finished while its next
         decode step was already launched (overlap scheduling) gives back that step's slot."""
         if req.kv_len > n:
-            row = self.req_pool.req_to_token[req.req_pool_idx]
-            self.allocator.free(row[n : req.kv_len].to(torch.int64))
+            self.allocator.free(self._slots(req, n, req.kv_len))
             req.kv_len = n
 
     def cache_and_release(self, req: Req) -> None:
         """Request done: hand its KV to the radix tree (or free it) and release its slot."""
-        row = self.req_pool.req_to_token[req.req_pool_idx]
-        kv = row[: req.kv_len].to(torch.int64)
         if self.tree.disabled:
-            self.allocator.free(kv[req.prefix_len :])
+            self.allocator.free(self._slots(req, req.prefix_len, req.kv_len))
         else:
+            kv = self._slots(req, 0, req.kv_len)
             already = self.tree.insert(self.key(req, req.fill_ids[: req.kv_len]), kv)
             # slots this request computed for tokens another request cached meanwhile
             if already > req.prefix_len:
@@ -92,8 +99,7 @@ class KVManager:
         """Retraction or abort: free the request's own KV (the tree keeps the prefix)."""
         if req.req_pool_idx is None:
             return
-        row = self.req_pool.req_to_token[req.req_pool_idx]
-        self.allocator.free(row[req.prefix_len : req.kv_len].to(torch.int64))
+        self.allocator.free(self._slots(req, req.prefix_len, req.kv_len))
         self._release_slot(req)
 
     def _release_slot(self, req: Req) -> None:
@@ -106,9 +112,18 @@ class KVManager:
         must not reuse them."""
         self.tree.evict_namespace(namespace)
 
-    def check_integrity(self, running: list[Req]) -> None:
-        """Allocator used slots == tree slots + slots owned by running requests."""
+    def check_integrity(self, running: list[Req], compare_device: bool = True) -> None:
+        """Every slot in use is held exactly once: by the tree, or by one running request
+        beyond its tree-owned prefix (the host table says which). With `compare_device`,
+        the device table matches the host's for every running request; that reads the
+        device, so it waits for the step in flight."""
         self.tree.check_integrity()
         self.req_pool.check_integrity()
-        owned = sum(r.kv_len - r.prefix_len for r in running if r.req_pool_idx is not None)
-        self.allocator.check_integrity(expected_used=self.tree.total_size() + owned)
+        live = [r for r in running if r.req_pool_idx is not None]
+        owned = [self.tree.all_values(), *(self._slots(r, r.prefix_len, r.kv_len) for r in live)]
+        self.allocator.check_integrity(
+            expected_used=self.tree.total_size() + sum(r.kv_len - r.prefix_len for r in live),
+            owned=torch.cat([o.to(torch.int64) for o in owned]),
+        )
+        if compare_device:
+            self.req_pool.check_mirror([(r.req_pool_idx, r.kv_len) for r in live])

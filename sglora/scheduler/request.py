@@ -1,9 +1,10 @@
 """Req: one request's state inside the scheduler (CPU only), from admission to its last token.
 
-KV ownership: `req_to_token[req_pool_idx, :kv_len]` are the KV slots of the first `kv_len`
-tokens of `fill_ids`; the first `prefix_len` of them belong to the radix tree (locked through
-`last_node`), the rest to this request until it finishes or is retracted. `kv_len` advances
-when a batch is built, so it counts KV that a launched step is still writing.
+KV ownership: `ReqToTokenPool.host[req_pool_idx, :kv_len]` are the KV slots of the first
+`kv_len` tokens of `fill_ids` (the device table is their copy for the kernels); the first
+`prefix_len` of them belong to the radix tree (locked through `last_node`), the rest to this
+request until it finishes or is retracted. `kv_len` advances when a batch is built, so it
+counts KV that a launched step is still writing.
 
 With overlap scheduling a token is sampled on the device a step before the host reads it:
 `tokens_in_flight` counts those, and `output_len` is what the request has generated, read or not.

@@ -190,6 +190,12 @@ class Scheduler:
         outputs, self._outputs = self._outputs, []
         return outputs
 
+    def set_overlap(self, on: bool) -> None:
+        """Turn overlap scheduling on or off between steps (a benchmark compares both on one
+        engine); first processes the batch in flight."""
+        self.sync()
+        self.overlap = on
+
     def sync(self) -> None:
         """Process the batch in flight, if any (waits for the device); its outputs come with
         the next step's."""
@@ -288,8 +294,7 @@ class Scheduler:
         else:
             return None
         starts = [r.kv_len for r in self.running]
-        for req, slot in zip(self.running, slots.view(-1, 1)):
-            self.kv.extend(req, slot)
+        self.kv.extend_decode(self.running, slots)
         self.new_token_ratio = max(
             MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY
         )
@@ -421,10 +426,12 @@ class Scheduler:
 
     # ---- checks --------------------------------------------------------------------------
 
-    def check_integrity(self) -> None:
+    def check_integrity(self, compare_device: bool = True) -> None:
+        """KV ownership is whole (KVManager.check_integrity); `compare_device` also compares
+        the device's req -> token table with the host's, which waits for the step in flight."""
         # a launched batch's requests own KV until processed, length-ended ones included
         in_flight = self.in_flight.reqs if self.in_flight is not None else []
         owners = {id(r): r for r in [*self.running, *in_flight]}
         if self.chunked:
             owners[id(self.chunked)] = self.chunked
-        self.kv.check_integrity(list(owners.values()))
+        self.kv.check_integrity(list(owners.values()), compare_device)

@@ -1,14 +1,18 @@
 """Overlap scheduling on a GPU with CUDA graphs (GPU only): the same results as with
 --disable-overlap-schedule, and building plus launching a decode step never waits for the
-device, which is still running the previous step then."""
+device, which is still running the previous step then; nor does freeing KV when requests stop
+or are aborted."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
 
 from sglora.engine import Engine
 from sglora.messages import SamplingParams, TokenizedGenerateReq
+from sglora.model_executor.step_output import StepOutput
 from sglora.testing.adapters import tiny_adapter_paths
 from sglora.testing.tiny import tiny_model_path
 from tests.conftest import random_prompts
@@ -111,3 +115,81 @@ def test_building_and_launching_a_decode_step_does_not_wait_for_the_device():
     while s.has_work():
         s.step()
     s.check_integrity()
+
+
+def first_new(ids: list[int], start: int) -> int:
+    """The first token at or after `start` that does not occur before it."""
+    return next(t for k, t in enumerate(ids) if k >= start and t not in ids[:k])
+
+
+def test_stops_and_aborts_free_kv_without_waiting_for_the_device(monkeypatch):
+    """Requests that eos or a stop id ends (found a step late: the slot of the step launched
+    meanwhile is truncated) and requests aborted while their batch runs free their KV between
+    launches. Every step, those frees and the aborts included, runs under
+    torch.cuda.set_sync_debug_mode("error"); only reading a step's tokens may wait.
+    float32, so that a stop token seen in a run without stops comes at the same step here."""
+    g = engine("float32", overlap=True)
+    s = g.scheduler
+    prompts = random_prompts(1000, [5, 9, 17, 12, 7, 21], seed=8)
+    loras = [None, "attn", "experts", None, "attn", None]
+    n = 16
+    free = g.generate(
+        input_ids=prompts,
+        sampling_params={"max_new_tokens": n, "ignore_eos": True, "temperature": 0.0},
+        lora_path=loras,
+    )
+    # tokens a request meets first at step 3 / 5, after the steps run without the sync check
+    eos, stop_id = first_new(free[0]["output_ids"], 3), first_new(free[1]["output_ids"], 5)
+    s.eos_ids = frozenset([eos])
+    params = [
+        {"max_new_tokens": n, "temperature": 0.0},  # ends by eos
+        {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True, "stop_token_ids": [stop_id]},
+    ] + [{"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}] * 4
+    for i, (p, sp, lora) in enumerate(zip(prompts, params, loras)):
+        s.add_request(TokenizedGenerateReq(f"r{i}", p, SamplingParams(**sp), lora_name=lora))
+    for _ in range(3):  # prefill, then every request decodes
+        s.step()
+    assert len(s.running) == 6 and not s.waiting and s.chunked is None
+    real_wait = StepOutput.wait
+
+    def wait_may_sync(self):
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return real_wait(self)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    monkeypatch.setattr(StepOutput, "wait", wait_may_sync)
+    frees: list[str] = []
+    real_free = s.kv.allocator.free
+
+    def free_slots(indices):
+        frees.append(sys._getframe(1).f_code.co_name)
+        real_free(indices)
+
+    monkeypatch.setattr(s.kv.allocator, "free", free_slots)
+    reasons: dict[str, str] = {}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(4 * n):
+            if step == 2:
+                assert s.abort_request("r2") and s.abort_request("r5")
+            for out in s.step():
+                if out.finished:
+                    reasons[out.rid] = out.finish_reason["type"]
+            if not s.has_work():
+                break
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert reasons == {
+        "r0": "stop",
+        "r1": "stop",
+        "r2": "abort",
+        "r3": "length",
+        "r4": "length",
+        "r5": "abort",
+    }, reasons
+    assert {"truncate", "cache_and_release", "release"} <= set(frees), frees
+    s.check_integrity()
+    g.runner.lora_manager.check_integrity()

@@ -12,19 +12,18 @@ from sglora.mem_cache.kv_pool import KVPool
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_alloc_hands_out_distinct_nonzero_slots_on_device(device: str):
-    alloc = TokenToKVAllocator(10, device)
+def test_alloc_hands_out_distinct_nonzero_slots_on_the_host():
+    alloc = TokenToKVAllocator(10)
     a, b = alloc.alloc(4), alloc.alloc(6)
-    assert a.dtype == torch.int64 and a.device.type == device
-    slots = torch.cat([a, b]).cpu()
+    assert a.dtype == torch.int64 and a.device.type == "cpu"
+    slots = torch.cat([a, b])
     assert sorted(slots.tolist()) == list(range(1, 11))
     assert alloc.available_size() == 0
     alloc.check_integrity(expected_used=10)
 
 
 def test_alloc_returns_none_without_taking_when_short():
-    alloc = TokenToKVAllocator(8, "cpu")
+    alloc = TokenToKVAllocator(8)
     assert alloc.alloc(5) is not None
     assert alloc.alloc(4) is None
     assert alloc.available_size() == 3
@@ -33,13 +32,13 @@ def test_alloc_returns_none_without_taking_when_short():
 
 
 def test_alloc_zero_is_empty():
-    alloc = TokenToKVAllocator(4, "cpu")
+    alloc = TokenToKVAllocator(4)
     assert alloc.alloc(0).numel() == 0
     alloc.check_integrity(expected_used=0)
 
 
 def test_allocator_rejects_double_free():
-    alloc = TokenToKVAllocator(8, "cpu")
+    alloc = TokenToKVAllocator(8)
     slots = alloc.alloc(3)
     alloc.free(slots[:1])
     with pytest.raises(AssertionError, match="double free"):
@@ -48,7 +47,7 @@ def test_allocator_rejects_double_free():
 
 
 def test_allocator_rejects_same_slot_twice_in_one_free():
-    alloc = TokenToKVAllocator(8, "cpu")
+    alloc = TokenToKVAllocator(8)
     slots = alloc.alloc(3)
     with pytest.raises(AssertionError, match="twice"):
         alloc.free(torch.cat([slots, slots[:1]]))
@@ -57,7 +56,7 @@ def test_allocator_rejects_same_slot_twice_in_one_free():
 
 @pytest.mark.parametrize("bad", [0, 9])
 def test_allocator_rejects_free_outside_pool(bad: int):
-    alloc = TokenToKVAllocator(8, "cpu")
+    alloc = TokenToKVAllocator(8)
     alloc.alloc(8)
     with pytest.raises(AssertionError, match="outside"):
         alloc.free(torch.tensor([bad]))
@@ -65,7 +64,7 @@ def test_allocator_rejects_free_outside_pool(bad: int):
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_free_accepts_any_int_dtype_and_empty(dtype: torch.dtype):
-    alloc = TokenToKVAllocator(8, "cpu")
+    alloc = TokenToKVAllocator(8)
     slots = alloc.alloc(5)
     alloc.free(torch.empty(0, dtype=dtype))
     alloc.free(slots[1:3].to(dtype))
@@ -75,7 +74,7 @@ def test_free_accepts_any_int_dtype_and_empty(dtype: torch.dtype):
 
 
 def test_freed_slots_are_reused():
-    alloc = TokenToKVAllocator(4, "cpu")
+    alloc = TokenToKVAllocator(4)
     first = alloc.alloc(4)
     alloc.free(first[1:3])
     again = alloc.alloc(2)
@@ -84,14 +83,14 @@ def test_freed_slots_are_reused():
 
 
 def test_check_integrity_reports_leak():
-    alloc = TokenToKVAllocator(8, "cpu")
+    alloc = TokenToKVAllocator(8)
     alloc.alloc(3)
     with pytest.raises(AssertionError, match="leaked"):
         alloc.check_integrity(expected_used=2)
 
 
 def test_clear_frees_everything():
-    alloc = TokenToKVAllocator(8, "cpu")
+    alloc = TokenToKVAllocator(8)
     alloc.alloc(6)
     alloc.clear()
     assert alloc.available_size() == 8
@@ -100,7 +99,7 @@ def test_clear_frees_everything():
 
 
 def test_large_pool_alloc_free_cycles_stay_consistent():
-    alloc = TokenToKVAllocator(1 << 20, "cpu")
+    alloc = TokenToKVAllocator(1 << 20)
     held = [alloc.alloc(n) for n in (1000, 1, 77, 4096)]
     for slots in held[::2]:
         alloc.free(slots)
@@ -127,6 +126,45 @@ def test_req_to_token_pool_rejects_double_free():
     pool.check_integrity()
     pool.clear()
     assert pool.available_size() == 2
+
+
+def test_free_refuses_slots_that_are_not_on_the_host():
+    """Reading slot ids back from a device waits for the step in flight: callers must pass
+    the host copy ("meta" stands for a device here)."""
+    alloc = TokenToKVAllocator(8)
+    slots = alloc.alloc(2)
+    with pytest.raises(AssertionError, match="host values"):
+        alloc.free(torch.empty(2, dtype=torch.int64, device="meta"))
+    alloc.free(slots)
+    alloc.check_integrity(expected_used=0)
+
+
+def test_check_integrity_with_owners_names_what_is_wrong():
+    alloc = TokenToKVAllocator(8)
+    a, b = alloc.alloc(3), alloc.alloc(2)
+    alloc.check_integrity(owned=torch.cat([b, a]))
+    with pytest.raises(AssertionError, match="held twice"):
+        alloc.check_integrity(owned=torch.cat([a, b, a[:1]]))
+    with pytest.raises(AssertionError, match="leaked"):
+        alloc.check_integrity(owned=a)
+    alloc.free(b)
+    with pytest.raises(AssertionError, match="held but free"):
+        alloc.check_integrity(owned=torch.cat([a, b]))
+    alloc.check_integrity(owned=a.to(torch.int32))
+
+
+def test_req_to_token_writes_reach_host_and_device_alike():
+    pool = ReqToTokenPool(3, 8, "cpu")
+    r0, r1 = pool.alloc(), pool.alloc()
+    pool.write(r0, 0, torch.tensor([5, 6, 7]))
+    pool.write(r1, 0, torch.tensor([9], dtype=torch.int32))
+    pool.write_tokens([r0, r1], [3, 1], torch.tensor([8, 10]))
+    assert pool.slots(r0, 0, 4).tolist() == [5, 6, 7, 8]
+    assert pool.slots(r1, 0, 2).tolist() == [9, 10]
+    pool.check_mirror([(r0, 4), (r1, 2)])
+    pool.req_to_token[r1, 1] = 11  # a write that bypasses the pool
+    with pytest.raises(AssertionError, match="differs"):
+        pool.check_mirror([(r0, 4), (r1, 2)])
 
 
 @pytest.mark.parametrize("device", DEVICES)

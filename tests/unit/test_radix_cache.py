@@ -14,7 +14,7 @@ from sglora.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 
 def make(size: int = 64, disable: bool = False) -> tuple[RadixCache, TokenToKVAllocator]:
-    alloc = TokenToKVAllocator(size, "cpu")
+    alloc = TokenToKVAllocator(size)
     return RadixCache(alloc, disable=disable), alloc
 
 
