@@ -14,6 +14,18 @@ kernels), in three modes measured in one run:
 Under torchrun every rank runs this same program on the same inputs (the offline Engine is
 SPMD); rank 0 prints and writes the rows.
 
+What is timed, as the host sees it (overlap scheduling on or off alike):
+  ttft_ms  from the first step until every request's first token is on the host (with
+           overlap, the step that reads them has launched the first decode step first, as
+           in serving), after an untimed prefill of the same shape
+  tpot_ms  mean time between two decode steps' tokens reaching the host, in steady state
+           (warmed up; with overlap a step is in flight at both ends of the window)
+Rows say which with `overlap`. --compare-overlap measures each batch size with overlap on and
+off on the same engine (`Scheduler.set_overlap` between runs); --disable-overlap-schedule
+builds the engine without it.
+
+    python scripts/bench_one_batch.py --compare-overlap ...   # both, side by side
+
 Weights are dummy (`--load-format dummy`), adapters random (scripts/make_adapters.py). Each row
 has the step's floor: bytes it must read (active weights, adapters' A/B of the experts it hits,
 KV) over the copy bandwidth measured in the same run. Prints a table; appends JSON rows.
@@ -27,6 +39,7 @@ import faulthandler
 import gc
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -42,21 +55,26 @@ from sglora.messages import SamplingParams, TokenizedGenerateReq  # noqa: E402
 from sglora.testing.tiny import tiny_model_path  # noqa: E402
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """bytes/s of a large device-to-device copy (read + write counted)."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    x = torch.empty(1 << (30 if device.type == "cuda" else 26), dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
-    torch.cuda.synchronize()
+    sync(device)
     t = time.perf_counter()
     for _ in range(10):
         y.copy_(x)
-    torch.cuda.synchronize()
+    sync(device)
     return 2 * x.numel() * 10 / (time.perf_counter() - t)
 
 
-def make_adapters(model: str, out: Path, num: int, rank: int) -> list[str]:
+def make_adapters(model: str, out: Path, num: int, rank: int, device: torch.device) -> list[str]:
     """Random rank-`rank` adapters on attention + experts, written once (by rank 0 under TP;
     the other ranks wait for its marker file)."""
     from safetensors.torch import save_file
@@ -73,7 +91,7 @@ def make_adapters(model: str, out: Path, num: int, rank: int) -> list[str]:
         d = out / f"lora{i}"
         if not (d / "adapter_model.safetensors").is_file():
             d.mkdir(parents=True, exist_ok=True)
-            gen = torch.Generator(device="cuda").manual_seed(i)  # fast for 30B-sized adapters
+            gen = torch.Generator(device=device).manual_seed(i)  # on a GPU: fast for 30B sizes
             t = adapter_tensors(cfg, rank, ["attn", "experts"], False, torch.bfloat16, gen)
             save_file(t, str(d / "adapter_model.safetensors"))
             (d / "adapter_config.json").write_text(
@@ -116,22 +134,87 @@ def step_floor_bytes(engine: Engine, bs: int, ctx: int, adapters: int, rank: int
     return weights + kv_bytes + lora
 
 
-def profile_steps(s, path: Path, steps: int = 5) -> None:
+def profile_steps(s, path: Path, device: torch.device, steps: int = 5) -> None:
     """Where a decode step's time goes: host ops and GPU kernels of a few steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
     with profile(activities=acts) as prof:
         for _ in range(steps):
             s.step()
-        torch.cuda.synchronize()
+        sync(device)
     t = prof.key_averages()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        t.table(sort_by="cpu_time_total", row_limit=40)
-        + "\n"
-        + t.table(sort_by="self_cuda_time_total", row_limit=30)
-    )
+    tables = [t.table(sort_by="cpu_time_total", row_limit=40)]
+    if cuda:
+        tables.append(t.table(sort_by="self_cuda_time_total", row_limit=30))
+    path.write_text("\n".join(tables))
+
+
+def time_to_first_tokens(s, rids: set[str], device: torch.device) -> float:
+    """Seconds from the first step (device idle) until every request in `rids` has its first
+    token on the host."""
+    sync(device)
+    t0 = time.perf_counter()
+    waiting = set(rids)
+    while waiting:
+        waiting -= {o.rid for o in s.step() if o.new_token_ids}
+    return time.perf_counter() - t0
+
+
+def time_per_decode_step(s, bs: int, steps: int) -> float:
+    """Mean seconds between two decode steps' tokens reaching the host, after warm-up (graph
+    capture, autotune; with overlap, a step in flight): each step() returns after reading one
+    step's tokens, so the window holds `steps` steps whether or not they overlap."""
+    for _ in range(3):
+        s.step()
+    assert len(s.running) == bs, "a request finished during the measured steps"
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        s.step()
+    t = (time.perf_counter() - t0) / steps
+    assert len(s.running) == bs, "a request finished during the measured steps"
+    return t
+
+
+def submit(s, tag: str, bs: int, loras: list[str | None], args, gen) -> set[str]:
+    """A static batch of `bs` random prompts; returns their request ids."""
+    vocab = s.runner.model_config.vocab_size
+    sp = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True, temperature=0.0)
+    for i in range(bs):
+        ids = torch.randint(0, vocab, (args.input_len,), generator=gen).tolist()
+        s.add_request(TokenizedGenerateReq(f"{tag}-{i}", ids, sp, lora_name=loras[i % len(loras)]))
+    # A static batch: admit every request at once. The scheduler would keep KV room for a
+    # share of all their output tokens (a ratio that decode steps move), which the few
+    # measured decode steps never use.
+    s.new_token_ratio = 0.0
+    return {f"{tag}-{i}" for i in range(bs)}
+
+
+def drain(s) -> None:
+    """Abort every request, process the batch in flight, free the prefix cache."""
+    for r in [*s.running, *s.waiting]:
+        s.abort_request(r.rid)
+    while s.has_work():
+        s.step()
+    s.kv.tree.reset()
+
+
+def run_batch(
+    s, tag: str, bs: int, loras: list[str | None], args, gen, device, profile: Path | None
+) -> tuple[float, float]:
+    """(ttft, tpot) in seconds of one static batch of `bs` requests, after an untimed prefill
+    of the same shape (so TTFT leaves out kernel compilation and autotuning, and the first of
+    two compared runs is not the one that pays for them); then frees everything."""
+    time_to_first_tokens(s, submit(s, f"{tag}-warmup", bs, loras, args, gen), device)
+    drain(s)
+    ttft = time_to_first_tokens(s, submit(s, tag, bs, loras, args, gen), device)
+    if profile is not None:
+        profile_steps(s, profile, device)
+    tpot = time_per_decode_step(s, bs, args.decode_steps)
+    drain(s)
+    return ttft, tpot
 
 
 def run_mode(
@@ -139,63 +222,45 @@ def run_mode(
 ) -> list[dict]:
     rows = []
     s = engine.scheduler
-    vocab = engine.model_config.vocab_size
+    device = engine.runner.device
     gen = torch.Generator().manual_seed(0)
+    overlaps = [True, False] if args.compare_overlap else [s.overlap]
     for bs in args.batch_sizes:
-        sp = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True, temperature=0.0)
-        for i in range(bs):
-            ids = torch.randint(0, vocab, (args.input_len,), generator=gen).tolist()
-            s.add_request(
-                TokenizedGenerateReq(f"{mode}-{bs}-{i}", ids, sp, lora_name=loras[i % len(loras)])
+        for overlap in overlaps:
+            s.set_overlap(overlap)
+            tag = f"{mode}_bs{bs}"
+            if len(overlaps) > 1:
+                tag += "_overlap" if overlap else "_no_overlap"
+            profile = None
+            if args.profile and bs == args.batch_sizes[0]:
+                profile = Path(args.profile) / f"profile_{tag}.txt"
+            ttft, tpot = run_batch(s, tag, bs, loras, args, gen, device, profile)
+            ctx = args.input_len + 3 + args.decode_steps // 2
+            adapters = len({x for x in loras if x}) if any(loras) else 0
+            floor = step_floor_bytes(engine, bs, ctx, min(adapters, bs), args.rank) / bw
+            row = {
+                "mode": mode,
+                "batch_size": bs,
+                "input_len": args.input_len,
+                "output_len": args.output_len,
+                "tok_per_s": bs / tpot,
+                "tpot_ms": tpot * 1e3,
+                "ttft_ms": ttft * 1e3,
+                "roofline_ms": floor * 1e3,
+                "overlap": overlap,
+                **meta,
+            }
+            rows.append(row)
+            print(
+                f"{mode:14s} bs={bs:4d} overlap={'on ' if overlap else 'off'} "
+                f"tpot={tpot * 1e3:8.2f} ms  tok/s={bs / tpot:9.0f}  "
+                f"floor={floor * 1e3:6.2f} ms  ttft={ttft * 1e3:8.1f} ms",
+                flush=True,
             )
-        # A static batch: admit every request at once. The scheduler would keep KV room for a
-        # share of all their output tokens (a ratio that decode steps move), which the few
-        # measured decode steps never use.
-        s.new_token_ratio = 0.0
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        while len(s.running) < bs:
-            s.step()
-        torch.cuda.synchronize()
-        ttft = time.perf_counter() - t0
-        for _ in range(3):  # warm-up (graph capture, autotune)
-            s.step()
-        torch.cuda.synchronize()
-        if args.profile and bs == args.batch_sizes[0]:
-            profile_steps(s, Path(args.profile) / f"profile_{mode}_bs{bs}.txt")
-        t0 = time.perf_counter()
-        for _ in range(args.decode_steps):
-            s.step()
-        torch.cuda.synchronize()
-        tpot = (time.perf_counter() - t0) / args.decode_steps
-        for r in list(s.running):
-            s.abort_request(r.rid)
-        s.step()
-        s.kv.tree.reset()
-        ctx = args.input_len + 3 + args.decode_steps // 2
-        adapters = len({x for x in loras if x}) if any(loras) else 0
-        floor = step_floor_bytes(engine, bs, ctx, min(adapters, bs), args.rank) / bw
-        row = {
-            "mode": mode,
-            "batch_size": bs,
-            "input_len": args.input_len,
-            "output_len": args.output_len,
-            "tok_per_s": bs / tpot,
-            "tpot_ms": tpot * 1e3,
-            "ttft_ms": ttft * 1e3,
-            "roofline_ms": floor * 1e3,
-            **meta,
-        }
-        rows.append(row)
-        print(
-            f"{mode:14s} bs={bs:4d} tpot={tpot * 1e3:8.2f} ms  tok/s={bs / tpot:9.0f}  "
-            f"floor={floor * 1e3:6.2f} ms  ttft={ttft * 1e3:8.1f} ms",
-            flush=True,
-        )
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="benchmarks/configs/qwen3-30b-a3b")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256, 512])
@@ -209,34 +274,60 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None, help="folder for decode-step profiles")
     ap.add_argument("--tp", type=int, default=1, help="tensor parallel (run under torchrun)")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu (tiny models: tests)")
+    ap.add_argument(
+        "--disable-overlap-schedule",
+        action="store_true",
+        help="build the engine without overlap scheduling (ServerArgs pass-through)",
+    )
+    ap.add_argument(
+        "--compare-overlap",
+        action="store_true",
+        help="measure every batch size with overlap scheduling on and off, on the same engine",
+    )
     ap.add_argument("--extra", nargs="*", default=[], help="more ServerArgs as key=value")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    # tokens a request may decode before the end of the timed window (see run_batch)
+    if args.output_len < args.decode_steps + 12:
+        ap.error("--output-len must be at least --decode-steps + 12: no request may finish")
     # a stuck step shows where it is stuck (a benchmark run has a hard time limit)
     faulthandler.dump_traceback_later(240, repeat=True)
+    try:
+        return run(args)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def run(args: argparse.Namespace) -> list[dict]:
     leader = int(os.environ.get("RANK", 0)) == 0
     if not leader:  # one rank reports
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device_name = torch.cuda.get_device_name()
+    else:
+        device_name = platform.processor() or platform.machine() or "cpu"
     bw = copy_bandwidth(device)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    name = torch.cuda.get_device_name().replace("NVIDIA ", "").lower().replace(" ", "_")
+    name = device_name.replace("NVIDIA ", "").lower().replace(" ", "_")
     meta = {
-        "device": torch.cuda.get_device_name(),
+        "device": device_name,
         "date": datetime.date.today().isoformat(),
         "commit": commit,
         "tp": args.tp,
         "copy_gbps": bw / 1e9,
     }
     extra = dict(kv.split("=", 1) for kv in args.extra)
-    max_tokens = max(args.batch_sizes) * (args.input_len + args.decode_steps + 8)
+    # prompt + decode steps launched by the end of the window (+ profiled steps, warm-up)
+    max_tokens = max(args.batch_sizes) * (args.input_len + args.decode_steps + 16)
     common = dict(
         model_path=args.model,
         tokenizer_path=str(tiny_model_path("qwen3_moe")),
         load_format="dummy",
-        device="cuda",
+        device=args.device,
         max_total_tokens=max_tokens,
         max_running_requests=max(args.batch_sizes),
         chunked_prefill_size=8192,
@@ -244,11 +335,13 @@ def main() -> None:
         cuda_graph_bs=tuple(args.batch_sizes),
         cuda_graph_max_bs=max(args.batch_sizes),
         tp_size=args.tp,
+        disable_overlap_schedule=args.disable_overlap_schedule,
         **extra,
     )
     t0 = time.perf_counter()
-    specs = make_adapters(args.model, Path(args.adapter_dir), args.num_adapters, args.rank)
+    specs = make_adapters(args.model, Path(args.adapter_dir), args.num_adapters, args.rank, device)
     print(f"adapters ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    all_rows = []
     for mode in args.modes:
         lora = mode != "lora_disabled"
         t0 = time.perf_counter()
@@ -269,14 +362,17 @@ def main() -> None:
         names = [f"lora{i}" for i in range(args.num_adapters)] if mode == "lora" else [None]
         label = f"lora_{args.num_adapters}x_r{args.rank}" if mode == "lora" else mode
         rows = run_mode(engine, label, names, args, bw, meta)
+        all_rows += rows
         del engine
         gc.collect()  # the runner and its graph runner refer to each other
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         if leader:  # after each mode, so a run cut short keeps what it measured
             out = Path(args.out or f"benchmarks/results/decode_{name}.json")
             old = json.loads(out.read_text()) if out.is_file() else []
             out.write_text(json.dumps(old + rows, indent=1))
             print(f"wrote {len(rows)} rows to {out}", flush=True)
+    return all_rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""scripts/bench_one_batch.py on CPU with the tiny MoE model: it measures what it says (TTFT
+until every first token is on the host, TPOT as steps whose tokens reach the host), with
+overlap scheduling on and off side by side, and writes rows with the keys plot_decode.py and
+docs/benchmarks.md read, plus `overlap`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglora.engine import Engine
+from sglora.messages import SamplingParams, TokenizedGenerateReq
+from sglora.model_executor.step_output import StepOutput
+from sglora.testing.tiny import tiny_model_path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_one_batch.py"
+ROW_KEYS = {
+    "mode", "batch_size", "input_len", "output_len", "tok_per_s", "tpot_ms", "ttft_ms",
+    "roofline_ms", "device", "date", "commit", "tp", "copy_gbps", "overlap",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_one_batch", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_overlap_writes_both_rows_per_batch_size(bench, tmp_path):
+    out = tmp_path / "rows.json"
+    rows = bench.main(
+        [
+            "--model", str(tiny_model_path("qwen3_moe")), "--device", "cpu",
+            "--batch-sizes", "1", "3", "--input-len", "16", "--output-len", "20",
+            "--decode-steps", "4", "--num-adapters", "2", "--rank", "4",
+            "--modes", "lora_disabled", "lora", "--compare-overlap",
+            "--adapter-dir", str(tmp_path / "adapters"), "--out", str(out),
+            "--profile", str(tmp_path / "profiles"),
+        ]
+    )  # fmt: skip
+    assert json.loads(out.read_text()) == rows
+    got = [(r["mode"], r["batch_size"], r["overlap"]) for r in rows]
+    assert got == [
+        (mode, bs, overlap)
+        for mode in ("lora_disabled", "lora_2x_r4")
+        for bs in (1, 3)
+        for overlap in (True, False)
+    ]
+    for r in rows:
+        assert set(r) == ROW_KEYS
+        assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["roofline_ms"] > 0
+        assert r["tok_per_s"] == pytest.approx(r["batch_size"] / r["tpot_ms"] * 1e3)
+    assert (tmp_path / "profiles" / "profile_lora_disabled_bs1_overlap.txt").is_file()
+
+
+def test_disable_overlap_schedule_passes_through(bench, tmp_path):
+    rows = bench.main(
+        [
+            "--model", str(tiny_model_path("qwen3_moe")), "--device", "cpu",
+            "--batch-sizes", "2", "--input-len", "8", "--output-len", "16",
+            "--decode-steps", "2", "--modes", "lora_disabled", "--disable-overlap-schedule",
+            "--adapter-dir", str(tmp_path / "adapters"), "--out", str(tmp_path / "rows.json"),
+        ]
+    )  # fmt: skip
+    assert [r["overlap"] for r in rows] == [False]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_timed_windows_hold_what_they_say(bench, overlap):
+    """TTFT ends once every first token has been read by the host; the TPOT window reads
+    exactly one decode step's tokens per step, each step's tokens once."""
+    engine = Engine(
+        model_path=str(tiny_model_path("qwen3_moe")),
+        device="cpu",
+        disable_overlap_schedule=not overlap,
+    )
+    s = engine.scheduler
+    sp = SamplingParams(max_new_tokens=30, ignore_eos=True, temperature=0.0)
+    for i, n in enumerate((5, 9, 13)):
+        s.add_request(TokenizedGenerateReq(f"r{i}", list(range(3, 3 + n)), sp))
+    reqs = list(s.waiting)
+    device = torch.device("cpu")
+    bench.time_to_first_tokens(s, {"r0", "r1", "r2"}, device)
+    assert all(len(r.output_ids) == 1 for r in reqs)
+    assert s.in_flight is not None if overlap else s.in_flight is None
+    reads = []
+    real_wait = StepOutput.wait
+
+    def wait(self):
+        reads.append(self)
+        return real_wait(self)
+
+    StepOutput.wait = wait
+    try:
+        bench.time_per_decode_step(s, 3, 5)
+    finally:
+        StepOutput.wait = real_wait
+    assert len(reads) == 3 + 5 and len(set(map(id, reads))) == len(reads)
+    # a step in flight at both ends of the window with overlap, none without
+    assert (s.in_flight is not None) == overlap
+    assert all(len(r.output_ids) == 1 + 8 for r in reqs)
