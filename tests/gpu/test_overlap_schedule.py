@@ -13,27 +13,16 @@ import torch
 from sglora.engine import Engine
 from sglora.messages import SamplingParams, TokenizedGenerateReq
 from sglora.model_executor.step_output import StepOutput
-from sglora.testing.adapters import tiny_adapter_paths
-from sglora.testing.tiny import tiny_model_path
 from tests.conftest import random_prompts
+from tests.gpu.test_cuda_graphs import engine as graph_engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
-KINDS = ["attn", "experts", "attn_experts_rslora", "shared_outer"]
 LORAS = [None, "attn", "experts", None, "attn_experts_rslora", "shared_outer", "attn"]
 
 
 def engine(dtype: str, overlap: bool) -> Engine:
-    paths = {k: tiny_adapter_paths("qwen3_moe", k)[0] for k in KINDS}
-    return Engine(
-        model_path=str(tiny_model_path("qwen3_moe")),
-        device="cuda",
-        dtype=dtype,
-        lora_paths=tuple(f"{k}={p}" for k, p in paths.items()),
-        cuda_graph_bs=(1, 2, 4, 8, 16),
-        max_total_tokens=8192,  # the default takes the whole GPU: two engines must fit
-        disable_overlap_schedule=not overlap,
-    )
+    return graph_engine(dtype, graphs=True, disable_overlap_schedule=not overlap)
 
 
 def params(n: int) -> list[dict]:
