@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sglora.config import LORA_TARGET_MODULES, ServerArgs
+from sglora.device_copy import to_device
 from sglora.lora.adapter import AdapterError, LoRAAdapter
 from sglora.lora.adapter_files import AdapterLimits
 from sglora.lora.backends import create_lora_backend
@@ -210,7 +211,7 @@ class LoRAManager:
 
         def dev(x: list[int]) -> torch.Tensor:
             # non-blocking: a blocking copy would wait for the step in flight (overlap schedule)
-            return torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)
+            return to_device(torch.tensor(x, dtype=torch.int64), self.device)
 
         self.batch_info = LoRABatchInfo(
             token_slots=dev(token_slots),

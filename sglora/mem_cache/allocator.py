@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from sglora.device_copy import to_device
+
 
 class ReqToTokenPool:
     """Maps a running request's slot to the KV slot index of each of its tokens.
@@ -51,16 +53,15 @@ class ReqToTokenPool:
         end = start + int(slots.shape[0])
         row = self.host[idx, start:end]
         row.copy_(slots)
-        # from pageable memory: the copy is staged before this returns, so the host row may
-        # change later; no wait for the step in flight, which does not read these columns
-        self.req_to_token[idx, start:end].copy_(row, non_blocking=True)
+        # the step in flight does not read these columns: no need to wait for it
+        self.req_to_token[idx, start:end] = to_device(row, self.device)
 
     def write_tokens(self, rows: list[int], cols: list[int], slots: torch.Tensor) -> None:
         """host[rows[i], cols[i]] := slots[i] for every i, with one copy to the device (a
         decode step writes one column per request)."""
         packed = torch.stack([torch.tensor(rows), torch.tensor(cols), slots.to(torch.int64)])
         self.host[packed[0], packed[1]] = packed[2].to(torch.int32)
-        dev = packed.to(self.device, non_blocking=True)  # [3, n]
+        dev = to_device(packed, self.device)  # [3, n]
         self.req_to_token[dev[0], dev[1]] = dev[2].to(torch.int32)
 
     def slots(self, idx: int, start: int, end: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sglora.device_copy import to_device
+
 if TYPE_CHECKING:
     from sglora.layers.attention.base import AttentionBackend
     from sglora.mem_cache.allocator import ReqToTokenPool
@@ -83,7 +85,7 @@ class ForwardBatch:
         seq_lens = [p + n for p, n in zip(prefix_lens, extend_lens)]
 
         def dev(x: list[int]) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int64).to(device, non_blocking=True)
+            return to_device(torch.tensor(x, dtype=torch.int64), device)
 
         pool_indices = dev(req_pool_indices)
         if input_ids is None:
@@ -96,7 +98,7 @@ class ForwardBatch:
             batch_size=len(req_pool_indices),
             input_ids=ids,
             positions=dev(positions),
-            out_cache_loc=out_cache_loc.to(device, torch.int64, non_blocking=True),
+            out_cache_loc=to_device(out_cache_loc, device, torch.int64),
             req_pool_indices=pool_indices,
             seq_lens=dev(seq_lens),
             seq_lens_cpu=seq_lens,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sglora.device_copy import to_device
 from sglora.distributed.parallel_state import tp_broadcast_
 from sglora.messages import SamplingParams
 
@@ -79,7 +80,7 @@ class SamplingBatchInfo:
         late = set(in_flight_rows or ())
 
         def dev(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device, non_blocking=True)
+            return to_device(t, device)
 
         greedy = [p.is_greedy for p in params]
         top_ks = [vocab_size if p.top_k < 0 else min(p.top_k, vocab_size) for p in params]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sglora.device_copy import to_device
 from sglora.lora.backends.base import LoRABatchInfo, register_lora_backend
 from sglora.lora.backends.triton import TritonLoRABackend
 
@@ -62,10 +63,7 @@ def build_segments(
     buf[T : T + nc + 1] = n
     buf[T : T + starts.shape[0]] = starts
     buf[T + nc + 1 : T + nc + 1 + starts.shape[0]] = ss[starts]
-    host = torch.from_numpy(buf)
-    if token_slots.device.type == "cuda":  # pinned: the copy does not wait for the GPU
-        host = host.pin_memory()
-    dev = host.to(token_slots.device, non_blocking=True)
+    dev = to_device(torch.from_numpy(buf), token_slots.device)
     return CSGMVSegments(
         token_slots, dev[:T], dev[T : T + nc + 1], dev[T + nc + 1 :], chunk, int(n)
     )
