@@ -20,6 +20,7 @@ from sglora.messages import ReqOutput, SamplingParams, TokenizedGenerateReq
 from sglora.model_executor.model_config import ModelConfig, resolve_model_dir
 from sglora.model_executor.model_runner import ModelRunner, resolve_device
 from sglora.scheduler.scheduler import Scheduler
+from sglora.server.detokenizer import final_text
 from sglora.testing.demo import apply_demo
 
 logger = logging.getLogger(__name__)
@@ -162,13 +163,10 @@ class _Accumulator:
     def result(self, tokenizer: Any) -> dict:
         last = self.last
         reason = last.finish_reason or {}
-        text_ids = self.output_ids
-        if reason.get("type") == "stop" and isinstance(reason.get("matched"), int):
-            text_ids = text_ids[:-1]  # the stop token itself is not part of the text
         sp = self.req.sampling_params
-        text = tokenizer.decode(text_ids, skip_special_tokens=sp.skip_special_tokens)
-        if reason.get("type") == "stop" and isinstance(reason.get("matched"), str):
-            text = text[: text.find(reason["matched"])] if reason["matched"] in text else text
+        text = final_text(
+            tokenizer, self.output_ids, reason, sp.skip_special_tokens, sp.min_new_tokens
+        )
         meta: dict[str, Any] = {
             "id": self.req.rid,
             "prompt_tokens": last.prompt_tokens,

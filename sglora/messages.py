@@ -13,6 +13,9 @@ from typing import Any
 
 # Cap on top-logprobs per token, as in the OpenAI API (top_logprobs <= 20).
 MAX_TOP_LOGPROBS = 20
+# Caps on logit_bias, as in the OpenAI API: entries per request, and |bias|.
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass
@@ -32,6 +35,11 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     seed: int | None = None
+    # Token id -> bias added to its logit before sampling (OpenAI `logit_bias`); `verify` turns
+    # the JSON's string keys into ints.
+    logit_bias: dict[int, float] | None = None
+    # EOS and stop token ids are masked, and stop strings ignored, until this many tokens exist.
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -84,6 +92,37 @@ class SamplingParams:
             bad("stop_token_ids", f"must be token ids in [0, {vocab_size})")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "must be an integer")
+        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            bad("min_new_tokens", "must be an integer >= 0")
+        if self.min_new_tokens > self.max_new_tokens:
+            bad("min_new_tokens", f"must be <= max_new_tokens ({self.max_new_tokens})")
+        if self.logit_bias:
+            self.logit_bias = _checked_logit_bias(self.logit_bias, vocab_size)
+
+
+def _checked_logit_bias(bias: dict, vocab_size: int | None) -> dict[int, float]:
+    """{token id: bias} with int keys, or ValueError naming `logit_bias` and the bad entry."""
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(
+            f"logit_bias holds {len(bias)} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed"
+        )
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            token = -1
+        if isinstance(key, bool) or token < 0 or (vocab_size is not None and token >= vocab_size):
+            vocab = f"[0, {vocab_size})" if vocab_size is not None else "ids >= 0"
+            raise ValueError(f"logit_bias keys must be token ids in {vocab}, got {key!r}")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or abs(value) > MAX_LOGIT_BIAS:
+            raise ValueError(
+                f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                f"got {value!r} for token {key!r}"
+            )
+        out[token] = float(value)
+    return out
 
 
 @dataclass

@@ -4,7 +4,8 @@ Sits between the model runner (which hands it `[bs, vocab]` logits and a `Sampli
 built from the scheduler's requests) and the scheduler (which gets a `SamplerOutput` back).
 
 Order of work, as vLLM/SGLang users expect: logprobs of the raw model distribution; penalties
-(repetition, then frequency/presence) on a float32 copy; greedy rows take the argmax; the other
+(repetition, then frequency/presence), logit_bias, and the min_new_tokens mask (EOS and stop
+token ids to -inf) on a float32 copy; greedy rows take the argmax; the other
 rows divide by temperature, softmax, drop tokens by top-k, top-p (on the mass left by top-k, as
 HF/vLLM do), min-p, and draw one token by the exponential race. `Sampler.__call__` has no host
 syncs and no data-dependent shapes: CPU-side flags in `SamplingBatchInfo` choose the code path.
@@ -12,6 +13,7 @@ syncs and no data-dependent shapes: CPU-side flags in `SamplingBatchInfo` choose
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,7 @@ class SamplingBatchInfo:
     is_all_greedy: bool
     need_top_p_top_k_min_p: bool
     need_penalties: bool
+    need_logit_edits: bool  # logit_bias or a min_new_tokens mask in some row
     any_seeded: bool  # some row needs the hashed uniforms
     all_seeded: bool  # no row needs torch.rand
     # Penalties (None unless need_penalties); rows without penalties hold neutral values.
@@ -55,6 +58,10 @@ class SamplingBatchInfo:
     repetition: torch.Tensor | None = None  # [bs] float32
     output_counts: torch.Tensor | None = None  # [bs, vocab] float32 counts among outputs so far
     prompt_mask: torch.Tensor | None = None  # [bs, vocab] bool: token appears in the prompt
+    # Logit edits (None unless need_logit_edits), as flat indexes row * vocab + token.
+    bias_index: torch.Tensor | None = None  # [n] int64
+    bias_values: torch.Tensor | None = None  # [n] float32, added to the logits
+    ban_index: torch.Tensor | None = None  # [m] int64, set to -inf (min_new_tokens not reached)
 
     @classmethod
     def from_requests(
@@ -66,6 +73,7 @@ class SamplingBatchInfo:
         device: torch.device | str,
         in_flight_rows: list[int] | None = None,
         last_ids: torch.Tensor | None = None,
+        eos_ids: Iterable[int] = (),
     ) -> SamplingBatchInfo:
         """Build every tensor on the CPU and move each with one non-blocking copy.
 
@@ -74,7 +82,8 @@ class SamplingBatchInfo:
 
         `in_flight_rows`: rows whose latest output token was sampled by a step still in flight
         (overlap scheduling), so it is missing from `output_ids`; `last_ids` [bs] (device) holds
-        it. It counts in the seeded step and the penalties exactly as if the host had read it.
+        it. It counts in the seeded step, the penalties and min_new_tokens exactly as if the host
+        had read it. `eos_ids`: what min_new_tokens masks besides each row's stop_token_ids.
         """
         assert len(params) == len(prompt_ids) == len(output_ids)
         late = set(in_flight_rows or ())
@@ -88,6 +97,8 @@ class SamplingBatchInfo:
         temperatures = [1.0 if p.is_greedy else p.temperature for p in params]
         penalised = [_has_penalty(p) for p in params]
         steps = [len(o) + (i in late) for i, o in enumerate(output_ids)]
+        bias_index, bias_values = _flat_bias(params, vocab_size)
+        ban_index = _flat_bans(params, steps, sorted(set(eos_ids)), vocab_size)
         info = cls(
             temperatures=dev(torch.tensor(temperatures, dtype=torch.float32).view(-1, 1)),
             top_ps=dev(torch.tensor([p.top_p for p in params], dtype=torch.float32)),
@@ -100,6 +111,7 @@ class SamplingBatchInfo:
             is_all_greedy=all(greedy),
             need_top_p_top_k_min_p=any(_needs_filter(p, vocab_size) for p in params),
             need_penalties=any(penalised),
+            need_logit_edits=bool(bias_index.numel() or ban_index.numel()),
             any_seeded=any(has_seed),
             all_seeded=all(has_seed),
         )
@@ -120,6 +132,9 @@ class SamplingBatchInfo:
             info.output_counts = _count_on_device(out_index, shape)
             prompt_index = dev(_flat_token_index(prompt_ids, rows, vocab_size))
             info.prompt_mask = _mask_on_device(prompt_index, shape)
+        if info.need_logit_edits:
+            info.bias_index, info.bias_values = dev(bias_index), dev(bias_values)
+            info.ban_index = dev(ban_index)
         return info
 
 
@@ -129,6 +144,31 @@ def _needs_filter(p: SamplingParams, vocab_size: int) -> bool:
 
 def _has_penalty(p: SamplingParams) -> bool:
     return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+
+
+def _flat_bias(params: list[SamplingParams], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU int64 [n] flat indexes `row * vocab + token` and float32 [n] biases of logit_bias."""
+    index, values = [], []
+    for r, p in enumerate(params):
+        for token, bias in (p.logit_bias or {}).items():
+            if 0 <= int(token) < vocab:
+                index.append(r * vocab + int(token))
+                values.append(float(bias))
+    return torch.tensor(index, dtype=torch.int64), torch.tensor(values, dtype=torch.float32)
+
+
+def _flat_bans(
+    params: list[SamplingParams], steps: list[int], eos_ids: list[int], vocab: int
+) -> torch.Tensor:
+    """CPU int64 [m] flat indexes of the EOS and stop token ids of rows whose token being sampled
+    (`steps`, in-flight tokens counted) comes before min_new_tokens."""
+    index = []
+    for r, (p, step) in enumerate(zip(params, steps)):
+        if step >= p.min_new_tokens:
+            continue
+        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
+        index += [r * vocab + t for t in sorted(banned) if 0 <= t < vocab]
+    return torch.tensor(index, dtype=torch.int64)
 
 
 def _to_int64(seed: int) -> int:
@@ -177,7 +217,11 @@ class Sampler:
         self, logits: torch.Tensor, info: SamplingBatchInfo, top_logprobs_num: int = 0
     ) -> SamplerOutput:
         raw = logits.float()  # [bs, vocab]; may alias `logits`, so it is never written
-        scores = apply_penalties(raw.clone(), info) if info.need_penalties else raw
+        scores = raw.clone() if info.need_penalties or info.need_logit_edits else raw
+        if info.need_penalties:
+            apply_penalties(scores, info)
+        if info.need_logit_edits:
+            apply_logit_edits(scores, info)
         if info.is_all_greedy:
             next_ids = scores.argmax(dim=-1)
         else:
@@ -213,6 +257,17 @@ def apply_penalties(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tens
     logits.copy_(torch.where(seen, penalised, logits))
     logits -= info.frequency.unsqueeze(1) * counts
     logits -= info.presence.unsqueeze(1) * (counts > 0).float()
+    return logits
+
+
+def apply_logit_edits(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    """Add logit_bias and mask min_new_tokens' bans in float32 `logits` [bs, vocab], in place:
+    one index_add_ and one index_fill_ on the flat view (indexes are unique per row)."""
+    assert info.bias_index is not None and info.bias_values is not None
+    assert info.ban_index is not None and logits.is_contiguous()
+    flat = logits.view(-1)
+    flat.index_add_(0, info.bias_index, info.bias_values)
+    flat.index_fill_(0, info.ban_index, float("-inf"))
     return logits
 
 

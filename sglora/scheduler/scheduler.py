@@ -333,6 +333,7 @@ class Scheduler:
             # decode rows whose input token (their last output) the host has not read yet
             [i for i, r in enumerate(reqs) if r.tokens_in_flight],
             fb.input_ids,
+            self.eos_ids,
         )
         top_n = max((r.top_logprobs_num for r in reqs), default=0)
         batch.output = self.runner.forward_and_sample(fb, info, top_n)
@@ -394,13 +395,19 @@ class Scheduler:
         self._outputs.append(req.take_output())
 
     def _stop_text_hit(self, req: Req) -> str | None:
-        stops = req.sampling_params.stop
-        if not stops:
+        """The stop string the latest token completes, if any. Before min_new_tokens tokens
+        exist none counts, and only an occurrence that ends past the text of the first
+        min_new_tokens - 1 tokens does (the detokenizer's `final_text` cuts by the same rule)."""
+        stops, ids = req.sampling_params.stop, req.output_ids
+        min_new = req.sampling_params.min_new_tokens
+        if not stops or len(ids) < min_new:
             return None
         # a character is at most 4 bytes and every token at least one byte
-        window = 4 * max(len(s) for s in stops) + 2
-        tail = self.tokenizer.decode(req.output_ids[-window:], skip_special_tokens=False)
-        return next((s for s in stops if s in tail), None)
+        start = max(len(ids) - (4 * max(len(s) for s in stops) + 2), 0)
+        tail = self.tokenizer.decode(ids[start:], skip_special_tokens=False)
+        before = ids[start : max(min_new - 1, start)]  # window tokens that may not end a stop
+        floor = len(self.tokenizer.decode(before, skip_special_tokens=False)) if before else 0
+        return next((s for s in stops if tail.find(s, max(floor - len(s) + 1, 0)) >= 0), None)
 
     def _collect_input_logprobs(self, batch: ScheduleBatch, out: StepResult) -> None:
         if out.input_logprobs is None:

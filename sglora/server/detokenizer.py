@@ -22,15 +22,22 @@ def final_text(
     output_ids: list[int],
     finish_reason: dict | None,
     skip_special_tokens: bool = True,
+    min_new_tokens: int = 0,
 ) -> str:
-    reason = finish_reason or {}
+    """With min_new_tokens, the cut is at the first occurrence of the matched stop string that
+    ends past the text of the first min_new_tokens - 1 tokens (earlier ones did not count)."""
+    reason, skip = finish_reason or {}, skip_special_tokens
     matched = reason.get("matched")
     ids = output_ids
     if reason.get("type") == "stop" and isinstance(matched, int) and ids and ids[-1] == matched:
         ids = ids[:-1]  # the stop token is not part of the text
-    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-    if reason.get("type") == "stop" and isinstance(matched, str) and matched in text:
-        text = text[: text.find(matched)]
+    text = tokenizer.decode(ids, skip_special_tokens=skip)
+    if reason.get("type") == "stop" and isinstance(matched, str):
+        before = ids[: max(min_new_tokens - 1, 0)]
+        floor = len(tokenizer.decode(before, skip_special_tokens=skip)) if before else 0
+        at = text.find(matched, max(floor - len(matched) + 1, 0))
+        if at >= 0:
+            text = text[:at]
     return text
 
 
@@ -51,9 +58,13 @@ class IncrementalDetokenizer:
     for spaces (SentencePiece) and partial characters (byte-level BPE)."""
 
     def __init__(
-        self, tokenizer: Any, skip_special_tokens: bool = True, stops: list[str] | None = None
+        self,
+        tokenizer: Any,
+        skip_special_tokens: bool = True,
+        stops: list[str] | None = None,
+        min_new_tokens: int = 0,
     ):
-        self.tokenizer = tokenizer
+        self.tokenizer, self.min_new_tokens = tokenizer, min_new_tokens
         self.skip_special_tokens = skip_special_tokens
         self.stops = list(stops or [])
         self.ids: list[int] = []
@@ -84,7 +95,9 @@ class IncrementalDetokenizer:
     def finish(self, new_ids: list[int], finish_reason: dict | None) -> str:
         """Append the last tokens; return the rest of `final_text` (everything not yet sent)."""
         self.ids.extend(new_ids)
-        full = final_text(self.tokenizer, self.ids, finish_reason, self.skip_special_tokens)
+        full = final_text(
+            self.tokenizer, self.ids, finish_reason, self.skip_special_tokens, self.min_new_tokens
+        )
         sent = self.text[: self.sent]
         if not full.startswith(sent):
             # Only a tokenizer whose decode of a longer sequence rewrites earlier text (space

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from sglora.messages import MAX_TOP_LOGPROBS, SamplingParams, TokenizedGenerateReq
-from sglora.server.errors import APIError, bad_value, internal_error, unsupported
+from sglora.server.errors import APIError, bad_value, internal_error
 from sglora.server.protocol import SamplingFields, UsageInfo
 from sglora.server.tokenizer_manager import TokenizerManager
 
@@ -28,8 +28,6 @@ def check_common(tm: TokenizerManager, body: SamplingFields) -> tuple[int, str |
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
         raise bad_value(f"n must be in [1, {MAX_N}], got {n}", "n")
-    if body.logit_bias:
-        raise unsupported("logit_bias is not supported", "logit_bias")
     if body.stream_options is not None and not body.stream:
         raise bad_value("stream_options is only allowed when stream is true", "stream_options")
     return n, lora_name
@@ -66,8 +64,10 @@ def sampling_params(
         ignore_eos=body.ignore_eos,
         skip_special_tokens=body.skip_special_tokens,
         seed=None if body.seed is None else body.seed + sample,
+        logit_bias=body.logit_bias,
+        min_new_tokens=pick(body.min_tokens, 0),
     )
-    return tm.checker.verify(sp, {"max_new_tokens": max_param})
+    return tm.checker.verify(sp, {"max_new_tokens": max_param, "min_new_tokens": "min_tokens"})
 
 
 def make_req(

@@ -45,6 +45,7 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    min_tokens: int | None = None  # vLLM's name (extra body)
 
 
 class CompletionRequest(SamplingFields):
@@ -211,6 +212,8 @@ class NativeSamplingParams(BaseModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     seed: int | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
+    min_new_tokens: int = 0
 
 
 class GenerateRequest(BaseModel):

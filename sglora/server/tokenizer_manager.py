@@ -125,7 +125,10 @@ class TokenizerManager:
             self.send_sock.send_pyobj(r)
         detoks = [
             IncrementalDetokenizer(
-                self.tokenizer, r.sampling_params.skip_special_tokens, r.sampling_params.stop
+                self.tokenizer,
+                r.sampling_params.skip_special_tokens,
+                r.sampling_params.stop,
+                r.sampling_params.min_new_tokens,
             )
             for r in reqs
         ]

@@ -317,3 +317,39 @@ def test_step_n_plus_1_is_launched_before_step_n_is_read(prompts, overlap):
     for k in range(n - 1):
         launched_next_first = events.index(("launch", k + 1)) < events.index(("read", k))
         assert launched_next_first == overlap, events
+
+
+def test_logit_bias_and_min_tokens_equal_no_overlap(prompts):
+    """min_new_tokens counts the token in flight (the sampler's `steps`), so the eos, stop id
+    and stop string it holds back open up at the same token with and without overlap."""
+    free = make_engine(False).generate(input_ids=prompts[:3], sampling_params=greedy(16))
+    eos, stop_id = free[0]["output_ids"][2], free[1]["output_ids"][1]
+    first = free[2]["output_ids"][0]
+    params = [
+        {"max_new_tokens": 16, "temperature": 0.0, "min_new_tokens": 9},  # eos held back
+        greedy(16, stop_token_ids=[stop_id], min_new_tokens=6),
+        greedy(16, logit_bias={first: -100.0, 3: 5.0}),
+        seeded(16, 7, logit_bias={first: 2.0}, min_new_tokens=4, stop=["e"]),
+        {"max_new_tokens": 16, "temperature": 0.0},  # plain: ends by eos
+        greedy(16, stop=["e"], min_new_tokens=5),
+        seeded(16, 8),
+        {"max_new_tokens": 16, "temperature": 0.7, "seed": 9, "min_new_tokens": 16},
+    ]
+    got = {}
+    for overlap in (True, False):
+        engine = make_engine(overlap)
+        engine.scheduler.eos_ids = frozenset([eos])
+        got[overlap] = without_ids(
+            engine.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+        )
+        assert_pool_whole(engine)
+    for a, b in zip(got[True], got[False]):
+        assert a["output_ids"] == b["output_ids"] and a["text"] == b["text"]
+        assert a["meta_info"]["finish_reason"] == b["meta_info"]["finish_reason"]
+    out = [r["output_ids"] for r in got[True]]
+    # without min_new_tokens row 0 would stop at index 2 (or earlier): the mask moved it on
+    assert out[0][:2] == free[0]["output_ids"][:2] and len(out[0]) >= 10
+    assert eos not in out[0][:9]
+    assert stop_id not in out[1][:6]
+    assert out[2][0] != first
+    assert len(out[7]) == 16 and eos not in out[7]

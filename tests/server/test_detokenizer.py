@@ -71,3 +71,21 @@ def test_final_text_drops_the_stop_token_and_cuts_at_the_stop_string(tokenizer):
     )
     assert final_text(tokenizer, ids, {"type": "stop", "matched": " three"}) == "one two"
     assert final_text(tokenizer, ids, {"type": "length", "length": 4}) == "one two three four"
+
+
+def test_with_min_new_tokens_the_cut_skips_stops_before_the_minimum(tokenizer):
+    """A stop string inside the first min_new_tokens - 1 tokens did not end the request: the
+    text is cut at the occurrence that did, and the stream's deltas add up to it."""
+    text = "a STOP b STOP c"
+    ids = tokenizer.encode(text)
+    first = next(i for i in range(1, len(ids) + 1) if "STOP" in tokenizer.decode(ids[:i]))
+    min_new = first + 1  # the first STOP ends inside the tokens that may not end a stop
+    ids = ids[
+        : next(i for i in range(1, len(ids) + 1) if tokenizer.decode(ids[:i]).count("STOP") == 2)
+    ]
+    reason = {"type": "stop", "matched": "STOP"}
+    assert final_text(tokenizer, ids, reason, True, min_new) == "a STOP b "
+    assert final_text(tokenizer, ids, reason) == "a "
+    det = IncrementalDetokenizer(tokenizer, True, ["STOP"], min_new)
+    deltas = [det.add([t]) for t in ids[:-1]] + [det.finish(ids[-1:], reason)]
+    assert "".join(deltas) == "a STOP b "

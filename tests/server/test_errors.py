@@ -114,14 +114,42 @@ CASES = [
         "stop_token_ids",
         "invalid_value",
     ),
+    *[
+        (f"logit_bias {why} {path}", "POST", path, {**ok, "logit_bias": bias}, 400, "logit_bias")
+        + ("invalid_value",)
+        for why, bias in [
+            ("key not an id", {"x": 1}),
+            ("negative id", {"-1": 1}),
+            ("id beyond vocab", {"999999": 1}),
+            ("above 100", {"1": 100.5}),
+            ("below -100", {"1": -101}),
+            ("too many", {str(i): 1 for i in range(301)}),
+        ]
+        for path, ok in [(C, OK_C), (CHAT, OK_CHAT)]
+    ],
+    ("logit_bias value", "POST", C, {**OK_C, "logit_bias": {"1": "x"}}, 422, "logit_bias.1")
+    + ("invalid_type",),
+    ("min_tokens negative", "POST", C, {**OK_C, "min_tokens": -1}, 400, "min_tokens")
+    + ("invalid_value",),
+    ("min_tokens over max", "POST", CHAT, {**OK_CHAT, "min_tokens": 3}, 400, "min_tokens")
+    + ("invalid_value",),
     (
-        "logit_bias",
+        "native min_new_tokens over max",
         "POST",
-        C,
-        {**OK_C, "logit_bias": {"1": 5}},
+        GEN,
+        {"text": "Hi", "sampling_params": {"max_new_tokens": 2, "min_new_tokens": 5}},
         400,
-        "logit_bias",
-        "unsupported_parameter",
+        "sampling_params.min_new_tokens",
+        "invalid_value",
+    ),
+    (
+        "native logit_bias out of range",
+        "POST",
+        GEN,
+        {"text": "Hi", "sampling_params": {"logit_bias": {"1": 200}}},
+        400,
+        "sampling_params.logit_bias",
+        "invalid_value",
     ),
     ("suffix", "POST", C, {**OK_C, "suffix": "x"}, 400, "suffix", "unsupported_parameter"),
     ("best_of", "POST", C, {**OK_C, "best_of": 3}, 400, "best_of", "unsupported_parameter"),

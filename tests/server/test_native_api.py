@@ -79,6 +79,16 @@ def test_seeded_sampling_equals_the_engine(http, engine):
     assert got.json()["output_ids"] == engine.generate(text, sp)["output_ids"]
 
 
+def test_logit_bias_and_min_new_tokens_in_sampling_params_equal_the_engine(http, engine):
+    text = "A biased story about lakes"  # used by no other test
+    first = engine.generate(text, {**GREEDY, "max_new_tokens": 1})["output_ids"][0]
+    sp = {**GREEDY, "ignore_eos": False, "logit_bias": {str(first): -100}, "min_new_tokens": 4}
+    got = http.post("/generate", json={"text": text, "sampling_params": sp}).json()
+    want = engine.generate(text, sp)
+    assert got["output_ids"] == want["output_ids"] and got["output_ids"][0] != first
+    assert got["text"] == want["text"] and len(got["output_ids"]) >= 4
+
+
 def test_generate_stream_is_cumulative_and_ends_with_the_full_result(http):
     body = {
         "text": "A good recipe for soup starts with",

@@ -240,6 +240,55 @@ def test_stop_token_ids_end_before_the_stop_token(client, engine):
     assert resp.choices[0].text == engine.tokenizer.decode(out["output_ids"][:first])
 
 
+def test_logit_bias_via_the_client_matches_the_engine(client, engine):
+    """-100 bans the greedy first token, +bias promotes another; completions and chat alike."""
+    first = engine_greedy(engine, PROMPTS[0], 1)["output_ids"][0]
+    bias = {first: -100.0, 7: 3.0}
+    want = engine_greedy(engine, PROMPTS[0], 8, logit_bias=bias)
+    assert want["output_ids"][0] != first
+    resp = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[0],
+        max_tokens=8,
+        logit_bias={str(k): v for k, v in bias.items()},
+        **GREEDY,
+    )
+    assert resp.choices[0].text == want["text"]
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, **GREEDY)
+    ban = engine.tokenizer.encode(plain.choices[0].message.content)[0]
+    chat = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=1, logit_bias={str(ban): -100}, **GREEDY
+    )
+    assert chat.choices[0].message.content != plain.choices[0].message.content
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_min_tokens_via_extra_body_holds_back_a_stop_token(client, engine, stream):
+    out = engine_greedy(engine, PROMPTS[3], 12)
+    stop_id = out["output_ids"][1]
+    want = engine.generate(
+        PROMPTS[3],
+        {"max_new_tokens": 12, "temperature": 0.0, "stop_token_ids": [stop_id]}
+        | {"min_new_tokens": 6},
+    )
+    assert len(want["output_ids"]) >= 7 and stop_id not in want["output_ids"][:6]
+    resp = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[3],
+        max_tokens=12,
+        temperature=0.0,
+        stream=stream,
+        extra_body={"stop_token_ids": [stop_id], "min_tokens": 6},
+    )
+    if stream:
+        text = "".join(c.choices[0].text for c in resp if c.choices)
+    else:
+        text = resp.choices[0].text
+        assert resp.usage.completion_tokens == len(want["output_ids"])
+    assert text == want["text"]
+
+
 def test_async_client_concurrent_requests_equal_sequential_ones(server, client):
     want = [
         client.completions.create(model=MODEL, prompt=p, max_tokens=10, **GREEDY).choices[0].text

@@ -424,8 +424,12 @@ def test_disabled_filters_keep_tokens_whose_mass_rounds_away() -> None:
             SamplingParams(temperature=0.7, top_k=3, top_p=0.9, min_p=0.05, seed=1),
             SamplingParams(temperature=1.2, frequency_penalty=0.5, presence_penalty=0.5),
         ],
+        [
+            SamplingParams(temperature=0.0, logit_bias={4: 3.0, 9: -100.0}),
+            SamplingParams(temperature=0.9, min_new_tokens=5, stop_token_ids=[7]),
+        ],
     ],
-    ids=["all_greedy", "all_seeded", "unseeded_filtered", "mixed_penalised"],
+    ids=["all_greedy", "all_seeded", "unseeded_filtered", "mixed_penalised", "bias_min_tokens"],
 )
 def test_sampler_call_runs_on_meta_tensors_so_it_never_syncs_the_host(
     params: list[SamplingParams],
@@ -437,3 +441,84 @@ def test_sampler_call_runs_on_meta_tensors_so_it_never_syncs_the_host(
     out = Sampler()(torch.empty(n, 50, device="meta"), info, top_logprobs_num=4)
     assert out.next_token_ids.device.type == "meta" and out.next_token_ids.shape == (n,)
     assert out.top_logprob_ids.shape == (n, 4)
+
+
+# ---------------------------------------------------------------- logit_bias and min_new_tokens
+
+
+def test_logit_bias_changes_the_greedy_choice_and_minus_100_bans() -> None:
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 3)
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={2: 2.5}),  # 1 + 2.5 beats 3
+        SamplingParams(temperature=0.0, logit_bias={0: -100.0, 1: -100.0}),
+        SamplingParams(temperature=0.0),  # unbiased row next to biased ones
+    ]
+    out = Sampler()(logits, make_info(params, 4))
+    assert out.next_token_ids.tolist() == [2, 2, 0]
+
+
+def test_logit_bias_minus_100_is_never_sampled_and_logprobs_stay_raw() -> None:
+    """Sampled rows too; the returned logprobs are the raw model's, as with penalties."""
+    logits = torch.zeros(1, 5)
+    sp = SamplingParams(temperature=1.0, seed=1, logit_bias={0: -100.0, 3: -100.0})
+    tokens = repeated_draws(logits[0], sp, 2000, seeded=True)
+    assert set(tokens.tolist()) == {1, 2, 4}
+    info = make_info([sp], 5)
+    out = Sampler()(logits, info)
+    torch.testing.assert_close(out.logprobs, torch.log(torch.tensor([0.2])))
+
+
+def test_min_new_tokens_masks_eos_and_stop_ids_until_reached_counting_in_flight() -> None:
+    """Row 0 has 2 outputs read and one in flight: step 3 < 4 still masks. Row 1 reached its
+    minimum (step 3 = 3). Row 2 ignores eos, so only its stop id is masked."""
+    vocab, eos = 6, 5
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0, 9.0]] * 3)
+    params = [
+        SamplingParams(temperature=0.0, min_new_tokens=4, stop_token_ids=[4]),
+        SamplingParams(temperature=0.0, min_new_tokens=3),
+        SamplingParams(temperature=0.0, min_new_tokens=9, ignore_eos=True, stop_token_ids=[5]),
+    ]
+    outputs = [[1, 2], [1, 2, 3], [1]]
+    last = torch.tensor([3, 3, 3])
+    info = SamplingBatchInfo.from_requests(
+        params, [[0]] * 3, outputs, vocab, "cpu", [0], last, eos_ids=[eos]
+    )
+    assert Sampler()(logits, info).next_token_ids.tolist() == [0, 5, 4]
+    # One token later row 0 reaches its minimum: eos wins again.
+    outputs[0] = [1, 2, 3]
+    info = SamplingBatchInfo.from_requests(
+        params, [[0]] * 3, outputs, vocab, "cpu", [0], last, eos_ids=[eos]
+    )
+    assert Sampler()(logits, info).next_token_ids.tolist() == [5, 5, 4]
+
+
+def test_logit_edits_are_off_when_no_row_asks() -> None:
+    params = [SamplingParams(temperature=0.0, min_new_tokens=1)]
+    info = SamplingBatchInfo.from_requests(params, [[0]], [[1]], 4, "cpu", eos_ids=[3])
+    assert not info.need_logit_edits and info.ban_index is None
+
+
+@pytest.mark.parametrize(
+    ("bias", "needle"),
+    [
+        ({"x": 1.0}, "keys must be token ids"),
+        ({"-1": 1.0}, "keys must be token ids"),
+        ({"4": 1.0}, "keys must be token ids"),
+        ({"1": 100.5}, "values must be numbers"),
+        ({"1": float("nan")}, "values must be numbers"),
+        ({str(i): 1.0 for i in range(301)}, "at most 300"),
+    ],
+)
+def test_verify_refuses_bad_logit_bias(bias: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle) as e:
+        SamplingParams(logit_bias=bias).verify(4 if len(bias) < 301 else 1000)
+    assert str(e.value).startswith("logit_bias ")
+
+
+def test_verify_turns_logit_bias_keys_into_ints_and_checks_min_new_tokens() -> None:
+    sp = SamplingParams(logit_bias={"3": -100, "0": 2.5})
+    sp.verify(4)
+    assert sp.logit_bias == {3: -100.0, 0: 2.5}
+    for bad in (-1, 129):
+        with pytest.raises(ValueError, match="^min_new_tokens "):
+            SamplingParams(max_new_tokens=128, min_new_tokens=bad).verify(4)
