@@ -20,7 +20,7 @@ from sglora.messages import ReqOutput, SamplingParams, TokenizedGenerateReq
 from sglora.model_executor.model_config import ModelConfig, resolve_model_dir
 from sglora.model_executor.model_runner import ModelRunner, resolve_device
 from sglora.scheduler.scheduler import Scheduler
-from sglora.server.detokenizer import final_text
+from sglora.stop_strings import final_text
 from sglora.testing.demo import apply_demo
 
 logger = logging.getLogger(__name__)

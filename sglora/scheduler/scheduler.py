@@ -31,6 +31,7 @@ from sglora.scheduler.batch import ScheduleBatch
 from sglora.scheduler.kv_manager import KVManager
 from sglora.scheduler.policy import order_waiting
 from sglora.scheduler.request import Req, ReqState
+from sglora.stop_strings import find_stop
 
 logger = logging.getLogger(__name__)
 
@@ -395,19 +396,19 @@ class Scheduler:
         self._outputs.append(req.take_output())
 
     def _stop_text_hit(self, req: Req) -> str | None:
-        """The stop string the latest token completes, if any. Before min_new_tokens tokens
-        exist none counts, and only an occurrence that ends past the text of the first
-        min_new_tokens - 1 tokens does (the detokenizer's `final_text` cuts by the same rule)."""
+        """The stop string the latest token completes, if any: none before min_new_tokens
+        tokens exist, then by `stop_strings.find_stop`, the rule the final text is cut by."""
         stops, ids = req.sampling_params.stop, req.output_ids
         min_new = req.sampling_params.min_new_tokens
         if not stops or len(ids) < min_new:
             return None
         # a character is at most 4 bytes and every token at least one byte
         start = max(len(ids) - (4 * max(len(s) for s in stops) + 2), 0)
-        tail = self.tokenizer.decode(ids[start:], skip_special_tokens=False)
-        before = ids[start : max(min_new - 1, start)]  # window tokens that may not end a stop
-        floor = len(self.tokenizer.decode(before, skip_special_tokens=False)) if before else 0
-        return next((s for s in stops if tail.find(s, max(floor - len(s) + 1, 0)) >= 0), None)
+        window = ids[start:]
+        tail = self.tokenizer.decode(window, skip_special_tokens=False)
+        tok, min_in_window = self.tokenizer, min_new - start
+        hit = (s for s in stops if find_stop(tok, window, tail, s, min_in_window, False) >= 0)
+        return next(hit, None)
 
     def _collect_input_logprobs(self, batch: ScheduleBatch, out: StepResult) -> None:
         if out.input_logprobs is None:

@@ -2,9 +2,9 @@
 turns new token ids into text deltas that are never broken UTF-8 and never end in text that
 could still grow into a stop string.
 
-The final text of a request is `final_text(...)`: the whole output decoded at once, without
-the matched stop token and cut at the matched stop string, exactly as the offline Engine
-returns it; a stream's deltas add up to that text.
+The final text of a request is `stop_strings.final_text(...)`: the whole output decoded at
+once, without the matched stop token and cut at the matched stop string, exactly as the offline
+Engine returns it; a stream's deltas add up to that text.
 """
 
 from __future__ import annotations
@@ -12,33 +12,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sglora.stop_strings import final_text
+
 logger = logging.getLogger(__name__)
 
 REPLACEMENT_CHAR = "\ufffd"  # what decoding an incomplete UTF-8 sequence yields
-
-
-def final_text(
-    tokenizer: Any,
-    output_ids: list[int],
-    finish_reason: dict | None,
-    skip_special_tokens: bool = True,
-    min_new_tokens: int = 0,
-) -> str:
-    """With min_new_tokens, the cut is at the first occurrence of the matched stop string that
-    ends past the text of the first min_new_tokens - 1 tokens (earlier ones did not count)."""
-    reason, skip = finish_reason or {}, skip_special_tokens
-    matched = reason.get("matched")
-    ids = output_ids
-    if reason.get("type") == "stop" and isinstance(matched, int) and ids and ids[-1] == matched:
-        ids = ids[:-1]  # the stop token is not part of the text
-    text = tokenizer.decode(ids, skip_special_tokens=skip)
-    if reason.get("type") == "stop" and isinstance(matched, str):
-        before = ids[: max(min_new_tokens - 1, 0)]
-        floor = len(tokenizer.decode(before, skip_special_tokens=skip)) if before else 0
-        at = text.find(matched, max(floor - len(matched) + 1, 0))
-        if at >= 0:
-            text = text[:at]
-    return text
 
 
 def stop_holdback(text: str, stops: list[str]) -> int:
