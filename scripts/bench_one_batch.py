@@ -269,7 +269,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--num-adapters", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--modes", nargs="+", default=["lora_disabled", "nolora_batch", "lora"])
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["lora_disabled", "nolora_batch", "lora"],
+        choices=["lora_disabled", "nolora_batch", "nolora_single_pool", "lora"],
+        help="lora = --num-adapters adapters of --rank, rows labelled lora_NxrR",
+    )
     ap.add_argument("--adapter-dir", default="/dev/shm/sglora-bench-adapters")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", default=None, help="folder for decode-step profiles")

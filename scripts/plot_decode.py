@@ -27,6 +27,8 @@ def main() -> None:
     rows = json.loads(Path(args.results).read_text())
     by_tp: dict[int, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:  # the last measurement of a (tp, mode, batch) wins
+        if r.get("overlap") is False:  # --compare-overlap's second row: plot the default
+            continue
         by_tp[r.get("tp", 1)][r["mode"]][r["batch_size"]] = r["tok_per_s"]
     tps = sorted(by_tp)
     fig, axes = plt.subplots(1, len(tps), figsize=(5.5 * len(tps), 4.2), squeeze=False)
