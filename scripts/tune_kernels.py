@@ -63,6 +63,17 @@ LORA_LARGE = [
     (16, 2, 128, False, 128, 4, 3), (32, 1, 128, False, 128, 4, 3),
     (16, 1, 256, False, 128, 4, 2), (16, 1, 128, True, 64, 4, 3),
 ]  # fmt: skip
+# Decode batches (M = 64..512 tokens, ~2 pairs per virtual expert): the shrink/expand read the
+# A/B of every (adapter, expert) hit and ran at ~68% of copy bandwidth with the list above
+# (bs 256 profile, docs/benchmarks.md), so --wide searches this grid as well.
+LORA_WIDE = [
+    (16, split_k, block_k, False, block_n, warps, stages)
+    for split_k in (1, 2)
+    for block_k in (64, 128, 256)
+    for block_n in (128, 256, 512)
+    for warps in (2, 4, 8)
+    for stages in (2, 3, 4)
+]
 
 
 def gemm_cands(kind: str, bm: int) -> list[tuple]:
@@ -76,8 +87,11 @@ def block_ms(m: int, k: int, e: int) -> list[int]:
     return [b for b in (16, 32, 64, 128) if b <= max(16, 2 * per_expert) and b * 8 >= per_expert]
 
 
-def lora_cands(m: int) -> list[LoRAConfig]:
-    return [LoRAConfig(*c) for c in (LORA_SMALL if m <= 32 else LORA_LARGE)]
+def lora_cands(m: int, wide: bool = False) -> list[LoRAConfig]:
+    if m <= 32:
+        return [LoRAConfig(*c) for c in LORA_SMALL]
+    extra = [c for c in LORA_WIDE if c not in LORA_LARGE] if wide else []
+    return [LoRAConfig(*c) for c in LORA_LARGE + extra]
 
 
 class Problem:
@@ -177,7 +191,7 @@ def timed(fn) -> float:
         return float("inf")
 
 
-def tune(ms: list[int], jobs: int, base_from: dict | None = None) -> dict:
+def tune(ms: list[int], jobs: int, base_from: dict | None = None, wide: bool = False) -> dict:
     """Tuned table {M: config}; with `base_from` (a table) only the LoRA settings are tuned."""
     w13, w2, pools = _shared()
     best_base: dict[int, tuple] = {}
@@ -198,12 +212,14 @@ def tune(ms: list[int], jobs: int, base_from: dict | None = None) -> dict:
             print(f"M={m} BM={bm}: {t:.4f} ms gate_up {gu} down {dn}", flush=True)
         bm = min(per_bm, key=lambda b: per_bm[b][0])
         best_base[m] = (bm, GemmConfig(*per_bm[bm][1]), GemmConfig(*per_bm[bm][2]))
-    lora_tasks = [("lora", m, 0, MoEConfig(*best_base[m], lc)) for m in ms for lc in lora_cands(m)]
+    lora_tasks = [
+        ("lora", m, 0, MoEConfig(*best_base[m], lc)) for m in ms for lc in lora_cands(m, wide)
+    ]
     precompile(lora_tasks, jobs)
     table = {}
     for m in ms:
         p = Problem(m, w13, w2, pools)
-        cands = [MoEConfig(*best_base[m], lc) for lc in lora_cands(m)]
+        cands = [MoEConfig(*best_base[m], lc) for lc in lora_cands(m, wide)]
         times = [timed(p.lora(c)) for c in cands]
         best = cands[min(range(len(cands)), key=times.__getitem__)]
         print(f"M={m} lora: {min(times):.4f} ms {best.lora}", flush=True)
@@ -222,12 +238,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=8, help="compile worker processes")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--lora-only", action="store_true", help="keep the base configs of --out")
+    ap.add_argument("--wide", action="store_true", help="also search LORA_WIDE for M > 32")
     args = ap.parse_args()
     e, h, i, k = (MOE_SHAPE[n] for n in ("E", "H", "I", "k"))
     out = args.out or CONFIG_DIR / f"moe_{device_name()}.json"
     data = json.loads(out.read_text()) if out.exists() else {}
     key = shape_key(e, h, i, k, torch.bfloat16)
-    table = tune(args.ms, args.jobs, data[key] if args.lora_only else None)
+    table = tune(args.ms, args.jobs, data[key] if args.lora_only else None, args.wide)
     data[key] = {**data.get(key, {}), **table}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
