@@ -238,7 +238,8 @@ class GetStatsReq:
 
 @dataclass
 class SlotLoadHistogram:
-    """Durations of adapter loads into device slots (host -> device), cumulative since start:
+    """Host durations of adapter loads into device slots (packing + queueing the host -> device
+    copy, which runs on a side stream and is not included), cumulative since start:
     the api server renders it as the Prometheus histogram `sglora:lora_slot_load_seconds`."""
 
     bounds: tuple[float, ...]  # seconds, upper bucket bounds, ascending (+Inf implied)

@@ -30,8 +30,8 @@ from sglora.messages import SlotLoadHistogram
 
 logger = logging.getLogger(__name__)
 
-# seconds; a tiny test adapter loads in ~100 µs, a rank-16 expert adapter of a 30B MoE
-# (about 1 GB in bf16, parsed as float32) in tens to hundreds of ms
+# seconds of host time per load (packing + queueing the copy); a tiny test adapter takes ~100 µs,
+# a rank-16 expert adapter of a 30B MoE (about 1.2 GB in bf16) tens to hundreds of ms
 SLOT_LOAD_BUCKETS = (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 # --lora-target-modules names -> pool groups
@@ -187,17 +187,13 @@ class LoRAManager:
         return slot
 
     def _timed_load(self, slot: int, adapter: LoRAAdapter) -> None:
-        """pool.load, timed for the slot-load histogram. The first sync is also what makes
-        eviction safe: with overlap scheduling the batch in flight may still read the victim's
-        slot, which is overwritten only once the device is done with it. The second makes the
-        time the copy's (loads are rare next to steps; the overlap is lost for this one)."""
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
+        """pool.load, timed for the slot-load histogram: the host's time, i.e. packing the adapter
+        into the staging image and queueing its copy (plus, for back-to-back loads, waiting for
+        the previous copy to leave the image). The host → device copy itself is not included: on
+        CUDA it runs on a side stream after the batch in flight, which may still read the
+        victim's slot (lora/staging.py), and the host does not wait for it."""
         start = time.perf_counter()
         self.pool.load(slot, adapter)
-        if cuda:
-            torch.cuda.synchronize(self.device)
         self.slot_loads.observe(time.perf_counter() - start)
 
     def prepare(self, lora_names: list[str | None], seq_lens: list[int]) -> LoRABatchInfo | None:

@@ -8,18 +8,24 @@ Every LoRA-able base layer ("group") has one preallocated A and B buffer holding
 
 c is 3 for qkv, 2 for gate_up, else 1; E is present for routed experts. Column-parallel groups
 keep A whole and shard B by output; row-parallel groups shard A by input and keep B whole.
-A slot is zeroed before it is reused, so a smaller rank leaves no stale weights behind.
+A load packs the adapter into a zeroed host image of one slot and copies the image over the
+whole slot (on CUDA from page-locked memory on a side stream: lora/staging.py), so a smaller
+rank leaves no stale weights behind.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from sglora.distributed.parallel_state import get_tp_rank, get_tp_size
 from sglora.lora.adapter import AdapterError, LoRAAdapter
+from sglora.lora.staging import SlotStaging
 from sglora.lora.targets import ModelTargets
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class LoRASlotPool:
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.slot_names: list[str | None] = [None] * num_slots
         self.buffers: dict[tuple[int | None, str], GroupBuffers] = {}
+        self._staging: SlotStaging | None = None  # allocated at the first load
         layers = [(i, shapes) for i, shapes in enumerate(targets.layers)]
         layers.append((None, targets.model_wide))
         for layer, shapes in layers:
@@ -136,43 +143,66 @@ class LoRASlotPool:
                 )
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
-        """Copy an adapter's canonical tensors into `slot` (sliced for this TP rank)."""
+        """Put an adapter into `slot` (sliced for this TP rank): pack it into the staging image
+        of one slot on the host, then copy the image over the whole slot, padding included, so
+        a smaller rank leaves no stale weights behind. On CUDA the copy runs on a side stream,
+        after the batch in flight and before every later one, and the host does not wait for
+        it (lora/staging.py)."""
         self.check_fits(adapter)
-        self.clear(slot)
+        staging = self._staging or self._alloc_staging()
+        parts = staging.acquire()
+        images = dict(zip(self.buffers, zip(parts[0::2], parts[1::2]), strict=True))
         for (layer, name), w in adapter.modules.items():
             group = GROUP_OF[name]
             spec, buf = GROUPS[group], self.buffers[(layer, group)]
-            i = spec.subs.index(name)
-            self._write(buf, spec, i, slot, w.A, w.B)
+            a_img, b_img = images[(layer, group)]
+            self._write(a_img, b_img, buf, spec, spec.subs.index(name), w.A, w.B)
+        staging.copy_to([t[slot] for buf in self.buffers.values() for t in (buf.A, buf.B)])
         self.slot_names[slot] = adapter.name
+
+    def _alloc_staging(self) -> SlotStaging:
+        """At the first load: the host image of one slot (page-locked on CUDA)."""
+        shapes = [t.shape[1:] for buf in self.buffers.values() for t in (buf.A, buf.B)]
+        self._staging = SlotStaging(shapes, self.dtype, self.device)
+        logger.info(
+            "LoRA slot staging image: %.3f GB of %s host memory",
+            self._staging.nbytes / 1e9,
+            "page-locked" if self._staging.cuda else "ordinary",
+        )
+        return self._staging
 
     def _write(
         self,
+        a_img: torch.Tensor,
+        b_img: torch.Tensor,
         buf: GroupBuffers,
         spec: GroupSpec,
         i: int,
-        slot: int,
         A: torch.Tensor,
         B: torch.Tensor,
     ) -> None:
+        """Write sub-projection i's canonical (global) A/B, sliced for this TP rank, into one slot's
+        image of a group: `a_img` [(E,) c·R, in_local], `b_img` [(E,) out_local, R] (what
+        `buf.A[slot]` / `buf.B[slot]` hold). The image must be zero where nothing is written."""
         r, R, rank = A.shape[-2], self.max_rank, self.tp_rank
-        out = buf.out_sizes[i]
-        off = sum(buf.out_sizes[:i])
-        if spec.parallel == "row":
-            n = buf.A.shape[-1]
+        if spec.parallel in ("row", "vocab_embed"):  # A sharded by input (vocab: last shard short)
+            n = a_img.shape[-1]
             A = A[..., rank * n : (rank + 1) * n]
-        elif spec.parallel == "vocab_embed":
-            n = buf.A.shape[-1]
-            A = A[..., rank * n : (rank + 1) * n]
-            _put(buf.A[slot, ..., i * R : i * R + r, : A.shape[-1]], A)
-            _put(buf.B[slot, ..., :, :r], B)
-            return
-        else:
+        else:  # "column", "vocab_head": B sharded by output (vocab: last shard short)
+            out = buf.out_sizes[i]
             B = B[..., rank * out : (rank + 1) * out, :]
-        _put(buf.A[slot, ..., i * R : i * R + r, :], A)
-        _put(buf.B[slot, ..., off : off + B.shape[-2], :r], B)
+        off = sum(buf.out_sizes[:i])
+        a_img[..., i * R : i * R + r, : A.shape[-1]].copy_(A)
+        b_img[..., off : off + B.shape[-2], :r].copy_(B)
+
+    def slot_nbytes(self) -> int:
+        """Bytes of one slot, and of the host staging image a load packs it in."""
+        return self.nbytes() // self.num_slots
 
     def clear(self, slot: int) -> None:
+        """Zero a slot (its adapter was unloaded). On the current (compute) stream, with no host
+        wait: after the batch in flight, which may still read the slot, and after any load's
+        copies into it (the compute stream waits for those); later loads' copies wait for it."""
         for buf in self.buffers.values():
             buf.A[slot].zero_()
             buf.B[slot].zero_()
@@ -186,13 +216,3 @@ class LoRASlotPool:
                     assert not buf.A[s].any() and not buf.B[s].any(), (
                         f"empty LoRA slot {s} holds stale weights in {group} of layer {layer}"
                     )
-
-
-def _put(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Copy host weights into a slot view. From page-locked memory in the slot dtype this is a
-    DMA the host does not wait for (LoRAManager._timed_load synchronises before the host copy
-    can be dropped); otherwise (the registry's pageable cache, a TP slice, another dtype) a
-    plain copy (torch stages those through temporaries that must not outlive an asynchronous
-    copy)."""
-    dma = src.is_pinned() and src.dtype == dst.dtype and src.is_contiguous()
-    dst.copy_(src, non_blocking=dma)

@@ -165,7 +165,8 @@ class ModelRunner:
         return total - free
 
     def log_memory_plan(self) -> None:
-        """One line with where the device memory went, in the order it was handed out."""
+        """One line with where the device memory went, in the order it was handed out (and the
+        page-locked host memory of LoRA loads)."""
         lora = self.lora_manager.pool.nbytes() if self.lora_manager is not None else 0
         parts = [
             f"weights {self.weight_bytes / 1e9:.2f}",
@@ -178,6 +179,9 @@ class ModelRunner:
                 f"CUDA graphs {self.graph_bytes / 1e9:.2f}",
                 f"free {free / 1e9:.2f} of {total / 1e9:.2f}",
             ]
+            if self.lora_manager is not None:  # host memory, page-locked at the first slot load
+                staging = self.lora_manager.pool.slot_nbytes()
+                parts.append(f"host: LoRA load staging {staging / 1e9:.2f} pinned")
         logger.info("memory plan on %s (GB): %s", self.device, ", ".join(parts))
 
     def forward(self, batch: ForwardBatch) -> LogitsOutput:

@@ -140,7 +140,8 @@ class _SlotLoadCollector:
     def collect(self):
         fam = HistogramMetricFamily(
             PREFIX + "lora_slot_load_seconds",
-            "Time to copy an adapter into a device slot (host to device), per load.",
+            "Host time to load an adapter into a device slot (packing and queueing the "
+            "host-to-device copy, not the copy itself), per load.",
             labels=["model"],
         )
         for model, h in self.latest.items():
