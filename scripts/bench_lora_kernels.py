@@ -10,11 +10,6 @@ triton/csgmv only: torch_native syncs the host) and `eager`; every time is a med
 triton.testing.do_bench with L2 flushed before each call. base_ms is F.linear of the layer in
 the same mode; roofline_ms = max(fewest bytes / copy bandwidth, FLOPs / bf16 matmul rate), with
 the bytes of the in-place update (x, A and B of the adapters used, y read and written).
-
-csgmv kernels compared (`--fused-ms`, default 1..256; `--ms` with no value runs only these
-rows): the two launches (csgmv_shrink, csgmv_expand) against the one fused launch
-(csgmv_fused), in place and graph-timed as above, to set FUSED_MAX_TOKENS in
-sglora/lora/backends/csgmv.py at the crossover (backends `csgmv_two_launch`, `csgmv_fused`).
 """
 
 from __future__ import annotations
@@ -32,7 +27,6 @@ from bench_kernels import ROOT, git_commit, graph_ms, measure_ceilings, roofline
 
 LAYERS = {"qkv_proj": (2048, (4096, 512, 512)), "o_proj": (4096, (2048,))}
 MS = [1, 32, 256, 512]
-FUSED_MS = [1, 8, 32, 64, 128, 256]
 DEVICE = "cuda"
 
 
@@ -110,52 +104,12 @@ def bench_case(layer: str, k: int, outs: tuple[int, ...], m: int, args, ceil) ->
     return rows
 
 
-def csgmv_paths(x, A, B, outs, info, chunk: int, slots: int) -> dict:
-    """The two csgmv paths as fn(y) (y None: return the delta; else add into y), on the chunk
-    table the backend builds for this batch."""
-    from sglora.kernels.lora_csgmv import csgmv_expand, csgmv_fused, csgmv_shrink
-
-    backends(chunk, slots)["csgmv"].prepare(info)
-    seg = info.segments
-    sa = (seg.perm, seg.chunk_start, seg.chunk_slot, seg.chunk)
-    return {
-        "csgmv_two_launch": lambda y: csgmv_expand(csgmv_shrink(x, A, *sa), B, outs, *sa, y=y),
-        "csgmv_fused": lambda y, bn=None: csgmv_fused(x, A, B, outs, *sa, y=y, block_n=bn),
-    }
-
-
-def bench_fused_case(layer: str, k: int, outs: tuple[int, ...], m: int, args, ceil) -> list[dict]:
-    """csgmv two launches vs the fused launch: in-place update of y, CUDA-graph timed."""
-    c, n_out, rank = len(outs), sum(outs), args.rank
-    used = min(m, args.adapters)
-    x, w, A, B, info = problem(k, outs, m, rank, args.slots, used)
-    nbytes = 2 * (m * k + used * (c * rank * k + n_out * rank) + 2 * m * n_out)
-    flops = 2 * m * rank * (c * k + n_out)
-    roof = roofline_ms(nbytes, flops, ceil)
-    base = graph_ms(lambda: F.linear(x, w))
-    y = F.linear(x, w)
-    paths = csgmv_paths(x, A, B, outs, info, args.chunk, args.slots)
-    two = paths["csgmv_two_launch"](None).float()
-    rows = []
-    for name, path in paths.items():
-        err = ((path(None).float() - two).norm() / two.norm()).item()
-        ms = graph_ms(lambda path=path, y_ip=y.clone(): path(y_ip))
-        rows.append(dict(kernel=f"lora_{layer}", backend=name, M=m, num_adapters=used, rank=rank,
-                         ms=ms, base_ms=base, roofline_ms=roof, op="in_place", mode="graph",
-                         bytes=nbytes, flops=flops, rel_err_vs_two_launch=err))  # fmt: skip
-    (two_us, fused_us), err = [1e3 * r["ms"] for r in rows], rows[1]["rel_err_vs_two_launch"]
-    print(f"{layer} M={m}: csgmv two launches {two_us:.1f} us, fused {fused_us:.1f} us "
-          f"({two_us / fused_us:.2f}x), rel err {err:.1e}", flush=True)  # fmt: skip
-    return rows
-
-
 def bench(args, ceil: dict[str, float]) -> list[dict]:
-    cases = [(bench_case, m) for m in args.ms] + [(bench_fused_case, m) for m in args.fused_ms]
     return [
         row
         for layer, (k, outs) in LAYERS.items()
-        for case, m in cases
-        for row in case(layer, k, outs, m, args, ceil)
+        for m in args.ms
+        for row in bench_case(layer, k, outs, m, args, ceil)
     ]
 
 
@@ -171,9 +125,7 @@ def updater(be, x, y, A, B, outs, info):
 
 def sweep(args) -> None:
     """Tuning aid: in-place graph time of qkv_proj per backend over csgmv chunk sizes, expand
-    N tiles and split-K policy (the launchers' choices patched in turn; csgmv batches of at
-    most FUSED_MAX_TOKENS run fused, which ignores them), then of the fused csgmv kernel per
-    layer over its N tile at the --fused-ms sizes."""
+    N tiles and split-K policy (the launchers' choices patched in turn)."""
     import sglora.kernels.lora_csgmv as kc
     import sglora.kernels.lora_token as kt
 
@@ -196,15 +148,6 @@ def sweep(args) -> None:
                               f"split={split:4}: {us:7.1f} us", flush=True)  # fmt: skip
     kt.expand_block_n = kc.expand_block_n = orig[0]
     kt.pick_split_k = kc.pick_split_k = orig[1]
-    for layer, (k, outs) in LAYERS.items():  # the fused kernel's N tile (BLOCK_K: its default)
-        for m in args.fused_ms:
-            x, w, A, B, info = problem(k, outs, m, args.rank, args.slots, min(m, args.adapters))
-            fused = csgmv_paths(x, A, B, outs, info, args.chunk, args.slots)["csgmv_fused"]
-            y = F.linear(x, w)
-            for bn in (64, 128, 256):
-                us = 1e3 * graph_ms(lambda f=fused, y=y, bn=bn: f(y, bn))
-                print(f"sweep {layer} csgmv_fused M={m:4d} chunk={args.chunk:3d} block_n={bn:3d}: "
-                      f"{us:7.1f} us", flush=True)  # fmt: skip
 
 
 def profile(args, path: Path) -> None:
@@ -237,8 +180,6 @@ def profile(args, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--ms", nargs="*", type=int, default=MS)
-    ap.add_argument("--fused-ms", nargs="*", type=int, default=FUSED_MS,
-                    help="token counts of the csgmv two-launch vs fused rows")  # fmt: skip
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--slots", type=int, default=8, help="LoRA pool slots (S)")
     ap.add_argument("--adapters", type=int, default=8, help="distinct adapters in a batch")

@@ -1,5 +1,5 @@
-"""Chunked SGMV LoRA kernels: shrink and expand, or both in one fused launch, over tokens grouped
-by slot into chunks (between the `csgmv` LoRA backend and Triton).
+"""Chunked SGMV LoRA kernels: shrink and expand over tokens grouped by slot into chunks (between
+the `csgmv` LoRA backend and Triton).
 
 Math as in `lora_token.py` (scaling folded into B). The backend sorts the batch's LoRA tokens by
 slot once per batch (`perm`) and cuts each slot's run into chunks of at most CHUNK tokens; each
@@ -11,13 +11,8 @@ programs return at once), so the launch grid depends only on T and S, as a CUDA 
   shrink:  P[k, j, :] = Σ_{K-range k} x[perm[j]] A[slot(j)]ᵀ     for j in chunk c: P is in
            sorted order (row j = j-th LoRA token after sorting), split over SPLIT_K K-ranges
   expand:  y[perm[j], o_i + n] (+)= Σ_r P[:, j, i·R + r] · B[chunk_slot[c], o_i + n, r]
-  fused:   y[perm[j], o_i + n] (+)= Σ_r rnd(x[perm[j]] A[s, i·R + r]ᵀ) · B[s, o_i + n, r]
-           with s = chunk_slot[c] and rnd() to B's dtype, as the expand rounds P: one
-           launch, no P in memory. A program owns (chunk c, one N tile of sub-projection i) and
-           recomputes the rank-R shrink of sub-projection i for it (x, A re-read from L2), so
-           it pays only for small T (decode), where two launches and P's round trip dominate.
 
-Pointer layouts (element strides; last dimensions contiguous; the fused kernel takes all but P):
+Pointer layouts (element strides; last dimensions contiguous):
   x            [T, K]             row stride `stride_xt`
   A            [S, N, K]          N = c·R, strides (`stride_as`, `stride_an`, 1)
   perm         [T] int32          token index of each sorted position (first n_lora used)
@@ -41,7 +36,6 @@ from sglora.kernels.lora_token import (
     check_out_sizes,
     check_tensor,
     expand_block_n,
-    fused_blocks,
     pick_split_k,
     pow2,
     precision,
@@ -155,75 +149,6 @@ def _csgmv_expand_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _csgmv_fused_kernel(
-    x_ptr,
-    a_ptr,
-    b_ptr,
-    perm_ptr,
-    chunk_start_ptr,
-    chunk_slot_ptr,
-    y_ptr,
-    K,
-    R,
-    OUT0,
-    OUT1,
-    OUT2,
-    stride_xt,
-    stride_as,
-    stride_an,
-    stride_bs,
-    stride_bn,
-    stride_yt,
-    CHUNK: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    c, pid_n = tl.program_id(0), tl.program_id(1)
-    start = tl.load(chunk_start_ptr + c)
-    end = tl.load(chunk_start_ptr + c + 1)
-    if start >= end:
-        return
-    slot = tl.load(chunk_slot_ptr + c).to(tl.int64)
-    # output tile -> sub-projection sl, col0, width: as in _csgmv_expand_kernel
-    t0 = (OUT0 + BLOCK_N - 1) // BLOCK_N
-    t1 = (OUT1 + BLOCK_N - 1) // BLOCK_N
-    sl = (pid_n >= t0).to(tl.int32) + (pid_n >= t0 + t1).to(tl.int32)
-    tile = pid_n - tl.where(sl == 0, 0, tl.where(sl == 1, t0, t0 + t1))
-    col0 = tl.where(sl == 0, 0, tl.where(sl == 1, OUT0, OUT0 + OUT1))
-    width = tl.where(sl == 0, OUT0, tl.where(sl == 1, OUT1, OUT2))
-    offs_j = start + tl.arange(0, CHUNK)
-    j_mask = offs_j < end
-    rows = tl.load(perm_ptr + offs_j, mask=j_mask, other=0).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < R
-    offs_k = tl.arange(0, BLOCK_K)
-    # shrink of sub-projection sl only: [CHUNK, BLOCK_R] = x[rows] A[slot, sl·R : sl·R + R]ᵀ
-    x_rows = x_ptr + rows[:, None] * stride_xt
-    a_cols = a_ptr + slot * stride_as + (sl * R + offs_r)[None, :] * stride_an
-    pr = tl.zeros((CHUNK, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < K
-        x = tl.load(x_rows + kk[None, :], mask=j_mask[:, None] & k_mask[None, :], other=0.0)
-        a = tl.load(a_cols + kk[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        pr += tl.dot(x, a, input_precision=PRECISION)
-    # expand of this N tile, the shrink rounded to B's dtype as the two-launch expand does
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < width
-    b_ptrs = b_ptr + slot * stride_bs + (col0 + offs_n)[None, :] * stride_bn + offs_r[:, None]
-    b = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-    acc = tl.dot(pr.to(b_ptr.dtype.element_ty), b, input_precision=PRECISION)
-    y_ptrs = y_ptr + rows[:, None] * stride_yt + (col0 + offs_n)[None, :]
-    mask = j_mask[:, None] & n_mask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
 def _check_segments(
     perm: torch.Tensor, chunk_start: torch.Tensor, chunk_slot: torch.Tensor, T: int, chunk: int
 ) -> None:
@@ -237,33 +162,6 @@ def _check_segments(
         raise ValueError(f"chunk size must be one of {CHUNK_SIZES}, got {chunk}")
 
 
-def _check_shrink_inputs(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    perm: torch.Tensor,
-    chunk_start: torch.Tensor,
-    chunk_slot: torch.Tensor,
-    chunk: int,
-) -> None:
-    """x [T, K] and A [S, N, K] of one float dtype, and a chunk table for T tokens."""
-    check_tensor(x, "x", 2, FLOATS)
-    check_tensor(A, "A", 3, (x.dtype,))
-    _check_segments(perm, chunk_start, chunk_slot, x.shape[0], chunk)
-    if A.shape[2] != x.shape[1]:
-        raise ValueError(f"A {tuple(A.shape)} does not take inputs of width {x.shape[1]}")
-
-
-def _delta_out(y: torch.Tensor | None, T: int, B: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(y, True): add into the given y [T, Σout] (checked), or (zeros, False): write the delta
-    into a fresh buffer whose rows of tokens in no chunk stay zero."""
-    if y is None:
-        return torch.zeros(T, B.shape[1], dtype=B.dtype, device=B.device), False
-    check_tensor(y, "y", 2, (B.dtype,))
-    if tuple(y.shape) != (T, B.shape[1]):
-        raise ValueError(f"y must be {(T, B.shape[1])}, got {tuple(y.shape)}")
-    return y, True
-
-
 def csgmv_shrink(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -275,9 +173,13 @@ def csgmv_shrink(
 ) -> torch.Tensor:
     """x [T, K], A [S, N, K] -> fp32 partials [split_k, T, N] in sorted order (rows past the
     last LoRA token are left unwritten)."""
-    _check_shrink_inputs(x, A, perm, chunk_start, chunk_slot, chunk)
-    check_device(x, A, perm, chunk_start, chunk_slot)
+    check_tensor(x, "x", 2, FLOATS)
+    check_tensor(A, "A", 3, (x.dtype,))
     T, K = x.shape
+    _check_segments(perm, chunk_start, chunk_slot, T, chunk)
+    check_device(x, A, perm, chunk_start, chunk_slot)
+    if A.shape[2] != K:
+        raise ValueError(f"A {tuple(A.shape)} does not take inputs of width {K} (x {x.shape})")
     N, NC = A.shape[1], chunk_slot.shape[0]
     _, block_n, block_k = token_blocks(T, N, K)
     if split_k is None:  # ~ the chunks that hold tokens, not the padded count
@@ -327,7 +229,14 @@ def csgmv_expand(
     split_k, T, N = p.shape
     R = check_out_sizes(out_sizes, B, N)
     _check_segments(perm, chunk_start, chunk_slot, T, chunk)
-    y, accumulate = _delta_out(y, T, B)
+    if y is None:
+        y = torch.zeros(T, B.shape[1], dtype=B.dtype, device=B.device)
+        accumulate = False
+    else:
+        check_tensor(y, "y", 2, (B.dtype,))
+        if tuple(y.shape) != (T, B.shape[1]):
+            raise ValueError(f"y must be {(T, B.shape[1])}, got {tuple(y.shape)}")
+        accumulate = True
     check_device(p, B, perm, chunk_start, chunk_slot, y)
     NC = chunk_slot.shape[0]
     if T == 0 or B.shape[1] == 0 or NC == 0:
@@ -355,61 +264,5 @@ def csgmv_expand(
         BLOCK_R=pow2(R),
         ACCUMULATE=accumulate,
         PRECISION=precision(B.dtype),
-    )
-    return y
-
-
-def csgmv_fused(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    out_sizes: tuple[int, ...],
-    perm: torch.Tensor,
-    chunk_start: torch.Tensor,
-    chunk_slot: torch.Tensor,
-    chunk: int,
-    y: torch.Tensor | None = None,
-    block_n: int | None = None,
-) -> torch.Tensor:
-    """x [T, K], A [S, c·R, K], B [S, Σout, R] -> y [T, Σout] in one launch: what
-    `csgmv_expand(csgmv_shrink(...))` computes (y None: the delta, zeros for tokens in no
-    chunk; else y += delta in place). Returns y. block_n (a power of two >= 16) defaults to
-    `fused_blocks`."""
-    _check_shrink_inputs(x, A, perm, chunk_start, chunk_slot, chunk)
-    check_tensor(B, "B", 3, (x.dtype,))
-    R = check_out_sizes(out_sizes, B, A.shape[1])
-    T, K = x.shape
-    y, accumulate = _delta_out(y, T, B)
-    check_device(x, A, B, perm, chunk_start, chunk_slot, y)
-    NC = chunk_slot.shape[0]
-    if T == 0 or B.shape[1] == 0 or NC == 0:
-        return y
-    bn, block_k = fused_blocks(out_sizes, K)
-    block_n = block_n or bn
-    sizes = (*out_sizes, 0, 0)[:MAX_SLICES]
-    tiles = sum(triton.cdiv(o, block_n) for o in sizes)
-    _csgmv_fused_kernel[(NC, tiles)](
-        x,
-        A,
-        B,
-        perm,
-        chunk_start,
-        chunk_slot,
-        y,
-        K,
-        R,
-        *sizes,
-        x.stride(0),
-        A.stride(0),
-        A.stride(1),
-        B.stride(0),
-        B.stride(1),
-        y.stride(0),
-        CHUNK=chunk,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        BLOCK_R=pow2(R),
-        ACCUMULATE=accumulate,
-        PRECISION=precision(x.dtype),
     )
     return y

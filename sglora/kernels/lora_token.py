@@ -252,14 +252,6 @@ def expand_block_n(out_sizes: tuple[int, ...]) -> int:
     return min(256 if interpreting() else 128, pow2(max(out_sizes)))
 
 
-def fused_blocks(out_sizes: tuple[int, ...], K: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) of the fused csgmv kernel. Each output tile recomputes the rank-R
-    shrink of its sub-projection (x and A re-read from L2), so its N tiles are wider than the
-    expand's: 256 on a GPU is untuned (scripts/bench_lora_kernels.py --sweep); interpreted: the
-    same few wide tiles and longer K steps."""
-    return min(256, pow2(max(out_sizes))), min(256 if interpreting() else 128, pow2(K))
-
-
 def token_blocks(T: int, N: int, K: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) for T tokens, N outputs, K inputs. On a GPU: small token
     blocks (fewer slots per block) and N tiles of one rank-16..64 slice; interpreted: few large

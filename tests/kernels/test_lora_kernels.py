@@ -166,63 +166,6 @@ def test_csgmv_matches_reference(dtype, batch, chunk, accumulate):
     close(y, full if y0 is None else full + y0.double(), dtype)
 
 
-CSGMV_OUTS = {"qkv": (40, 24, 24), "gate_up": (72, 8), "o": (130,)}  # 3, 2, 1 unequal slices
-
-
-def csgmv_batch(batch: str, chunk: int, seed: int) -> tuple[torch.Tensor, tuple]:
-    """Per-token slots of a batch and its padded chunk table (perm, chunk_start, chunk_slot,
-    chunk); `base1` has no adapter at all (every chunk empty)."""
-    seq_slots, lens, slots = ragged_batch(BATCHES[batch], seed=seed)
-    if batch == "base1":
-        seq_slots, slots = [-1], torch.full_like(slots, -1)
-    seg = build_segments(slots, seq_slots, lens, S, chunk)
-    sizes = seg.chunk_start[1:] - seg.chunk_start[:-1]
-    assert (sizes == 0).any()  # the table is padded: empty chunks must return at once
-    return slots, (seg.perm, seg.chunk_start, seg.chunk_slot, chunk)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch", ["M1", "decode37", "prefill70", "base1"])
-@pytest.mark.parametrize("outs", list(CSGMV_OUTS))
-@pytest.mark.parametrize("accumulate", [False, True])
-def test_csgmv_fused_matches_reference(dtype, batch, outs, accumulate):
-    from sglora.kernels.lora_csgmv import csgmv_fused
-
-    out_sizes = CSGMV_OUTS[outs]
-    A, B = lora_buffers(out_sizes, dtype)  # mixed ranks, absent sub-projections, empty slot
-    slots, args = csgmv_batch(batch, 16, seed=4)
-    T = slots.shape[0]
-    x = randn(T, K, dtype=dtype)
-    y0 = randn(T, sum(out_sizes), dtype=dtype, seed=3) if accumulate else None
-    # block_n 16: several output tiles per sub-projection, each recomputing its shrink
-    y = csgmv_fused(x, A, B, out_sizes, *args, y=None if y0 is None else y0.clone(),
-                    block_n=16 if accumulate else None)  # fmt: skip
-    close(y, lora_expand_ref(lora_shrink_ref(x, A, slots), B, out_sizes, slots, y0), dtype)
-    none = slots < 0  # tokens in no chunk: untouched in place, zero deltas
-    assert torch.equal(y[none], y0[none] if accumulate else torch.zeros_like(y[none]))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch", ["M1", "decode37", "prefill70"])
-@pytest.mark.parametrize("chunk", [16, 32])
-def test_csgmv_fused_matches_two_launches(dtype, batch, chunk):
-    """Both round the fp32 shrink to B's dtype before the expand; they differ only in the
-    shrink's fp32 summation order (split-K, K blocks), so at most by one rounding of the
-    shrink and one of y: atol = rtol = 1e-6 fp32, 2e-3 fp16, 1e-2 bf16 (bit-identical when
-    interpreted)."""
-    from sglora.kernels.lora_csgmv import csgmv_expand, csgmv_fused, csgmv_shrink
-
-    out_sizes = CSGMV_OUTS["qkv"]
-    A, B = lora_buffers(out_sizes, dtype, seed=5)
-    slots, args = csgmv_batch(batch, chunk, seed=6)
-    T = slots.shape[0]
-    x, y0 = randn(T, K, dtype=dtype), randn(T, sum(out_sizes), dtype=dtype, seed=3)
-    two = csgmv_expand(csgmv_shrink(x, A, *args), B, out_sizes, *args, y=y0.clone())
-    fused = csgmv_fused(x, A, B, out_sizes, *args, y=y0.clone())
-    tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    torch.testing.assert_close(fused, two, atol=tol, rtol=tol)
-
-
 # ---- backends vs torch_native ----------------------------------------------------------------
 
 
@@ -271,7 +214,7 @@ def test_backend_matches_torch_native(dtype, name, batch):
 
 
 def test_launchers_reject_bad_inputs():
-    from sglora.kernels.lora_csgmv import csgmv_fused, csgmv_shrink
+    from sglora.kernels.lora_csgmv import csgmv_shrink
     from sglora.kernels.lora_token import lora_expand, lora_shrink
 
     A, B = lora_buffers((40, 24, 24), torch.float32)
@@ -292,11 +235,6 @@ def test_launchers_reject_bad_inputs():
     i32 = torch.zeros(6, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="chunk size"):
         csgmv_shrink(x, A, i32[:5], i32[:2], i32[:1], chunk=8)
-    seg = (i32[:5], i32[:2], i32[:1], 16)
-    with pytest.raises(ValueError, match="B must be one of"):
-        csgmv_fused(x, A, B.half(), (40, 24, 24), *seg)
-    with pytest.raises(ValueError, match="rows for 2 sub-projection"):
-        csgmv_fused(x, A, B, (40, 48), *seg)
     if DEVICE == "cpu":
         import sglora.kernels.lora_token as lt
 

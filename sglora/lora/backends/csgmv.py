@@ -1,6 +1,6 @@
 """Chunked-SGMV LoRA backend: the batch's tokens grouped by slot into chunks once per batch,
-then per linear one fused shrink+expand launch for batches of at most FUSED_MAX_TOKENS tokens,
-else one shrink and one expand launch (between the LoRA layers and `kernels/lora_csgmv.py`).
+then one shrink and one expand launch per linear (between the LoRA layers and
+`kernels/lora_csgmv.py`).
 
 `prepare` sorts the tokens of requests with an adapter by slot on the host (seq slots and
 lengths are host data already) and cuts each slot's run into chunks of at most
@@ -21,11 +21,6 @@ import torch
 from sglora.device_copy import to_device
 from sglora.lora.backends.base import LoRABatchInfo, register_lora_backend
 from sglora.lora.backends.triton import TritonLoRABackend
-
-# Up to this many tokens (decode) one fused launch beats shrink + expand: it saves a launch and
-# the round trip of the shrink partials, and pays a shrink recomputed per output tile. 32 is a
-# first guess: confirm the crossover with scripts/bench_lora_kernels.py on the GPU.
-FUSED_MAX_TOKENS = 32
 
 
 @dataclass
@@ -110,12 +105,10 @@ class CSGMVLoRABackend(TritonLoRABackend):
         return seg if seg is not None and seg.token_slots is slots else None
 
     def _run(self, x, y, A, B, out_sizes, slots) -> torch.Tensor:
-        from sglora.kernels.lora_csgmv import csgmv_expand, csgmv_fused, csgmv_shrink
+        from sglora.kernels.lora_csgmv import csgmv_expand, csgmv_shrink
 
         seg = self._segments_for(slots)
         args = (seg.perm, seg.chunk_start, seg.chunk_slot, seg.chunk)
-        if x.shape[0] <= FUSED_MAX_TOKENS:  # T is fixed per CUDA graph: one path per graph
-            return csgmv_fused(x, A, B, tuple(out_sizes), *args, y=y)
         return csgmv_expand(csgmv_shrink(x, A, *args), B, tuple(out_sizes), *args, y=y)
 
     def linear_delta(self, x, A, B, out_sizes, slots, active):
