@@ -157,12 +157,16 @@ class LoRASlotPool:
             spec, buf = GROUPS[group], self.buffers[(layer, group)]
             a_img, b_img = images[(layer, group)]
             self._write(a_img, b_img, buf, spec, spec.subs.index(name), w.A, w.B)
-        staging.copy_to([t[slot] for buf in self.buffers.values() for t in (buf.A, buf.B)])
+        staging.copy_to([t[slot] for t in self.parts()])
         self.slot_names[slot] = adapter.name
+
+    def parts(self) -> list[torch.Tensor]:
+        """Every device buffer [S, ...], A then B of each group: the order of a slot image."""
+        return [t for buf in self.buffers.values() for t in (buf.A, buf.B)]
 
     def _alloc_staging(self) -> SlotStaging:
         """At the first load: the host image of one slot (page-locked on CUDA)."""
-        shapes = [t.shape[1:] for buf in self.buffers.values() for t in (buf.A, buf.B)]
+        shapes = [t.shape[1:] for t in self.parts()]
         self._staging = SlotStaging(shapes, self.dtype, self.device)
         logger.info(
             "LoRA slot staging image: %.3f GB of %s host memory",

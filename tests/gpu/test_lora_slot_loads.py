@@ -57,7 +57,7 @@ def host_adapter(name: str, seed: int) -> LoRAAdapter:
 
 
 def slot_image(pool: LoRASlotPool, slot: int) -> list[torch.Tensor]:
-    return [t[slot] for buf in pool.buffers.values() for t in (buf.A, buf.B)]
+    return [t[slot] for t in pool.parts()]
 
 
 _EXPECTED: dict[str, list[torch.Tensor]] = {}

@@ -165,6 +165,6 @@ def test_staging_image_is_allocated_once_and_matches_the_slot_layout():
     pool.load(1, random_adapter("b", targets, 2, seed=6))
     assert pool._staging is staging
     # the image holds the last load: exactly what slot 1 holds, part by part
-    slot_parts = [t[1] for buf in pool.buffers.values() for t in (buf.A, buf.B)]
+    slot_parts = [t[1] for t in pool.parts()]
     for part, dst in zip(staging.parts, slot_parts, strict=True):
         assert torch.equal(part, dst)
