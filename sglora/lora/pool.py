@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from sglora.distributed.parallel_state import get_tp_rank, get_tp_size
-from sglora.lora.adapter import AdapterError, LoRAAdapter
+from sglora.lora.adapter import AdapterError, LoRAAdapter, LoRAWeights
 from sglora.lora.staging import SlotStaging
 from sglora.lora.targets import ModelTargets
 
@@ -152,11 +152,11 @@ class LoRASlotPool:
         staging = self._staging or self._alloc_staging()
         parts = staging.acquire()
         images = dict(zip(self.buffers, zip(parts[0::2], parts[1::2]), strict=True))
-        for (layer, name), w in adapter.modules.items():
-            group = GROUP_OF[name]
-            spec, buf = GROUPS[group], self.buffers[(layer, group)]
-            a_img, b_img = images[(layer, group)]
-            self._write(a_img, b_img, buf, spec, spec.subs.index(name), w.A, w.B)
+        for (layer, group), buf in self.buffers.items():  # every byte of the image, once
+            spec = GROUPS[group]
+            for i, name in enumerate(spec.subs):
+                w = adapter.modules.get((layer, name))
+                self._write(*images[(layer, group)], buf, spec, i, w)
         staging.copy_to([t[slot] for t in self.parts()])
         self.slot_names[slot] = adapter.name
 
@@ -182,22 +182,29 @@ class LoRASlotPool:
         buf: GroupBuffers,
         spec: GroupSpec,
         i: int,
-        A: torch.Tensor,
-        B: torch.Tensor,
+        w: LoRAWeights | None,
     ) -> None:
-        """Write sub-projection i's canonical (global) A/B, sliced for this TP rank, into one slot's
-        image of a group: `a_img` [(E,) c·R, in_local], `b_img` [(E,) out_local, R] (what
-        `buf.A[slot]` / `buf.B[slot]` hold). The image must be zero where nothing is written."""
-        r, R, rank = A.shape[-2], self.max_rank, self.tp_rank
+        """Write sub-projection i of one slot's image of a group: `a_img` [(E,) c·R, in_local],
+        `b_img` [(E,) out_local, R] (what `buf.A[slot]` / `buf.B[slot]` hold). Its canonical
+        (global) A/B, sliced for this TP rank, go in the corner of the sub-projection's region and
+        the rest of the region (rank and vocab-shard padding; all of it when the adapter does not
+        target the sub-projection) is zeroed, so the image needs no clearing between loads."""
+        R, rank = self.max_rank, self.tp_rank
+        out, off = buf.out_sizes[i], sum(buf.out_sizes[:i])
+        a_region = a_img[..., i * R : (i + 1) * R, :]
+        b_region = b_img[..., off : off + out, :]
+        if w is None:
+            a_region.zero_()
+            b_region.zero_()
+            return
+        A, B = w.A, w.B
         if spec.parallel in ("row", "vocab_embed"):  # A sharded by input (vocab: last shard short)
             n = a_img.shape[-1]
             A = A[..., rank * n : (rank + 1) * n]
         else:  # "column", "vocab_head": B sharded by output (vocab: last shard short)
-            out = buf.out_sizes[i]
             B = B[..., rank * out : (rank + 1) * out, :]
-        off = sum(buf.out_sizes[:i])
-        a_img[..., i * R : i * R + r, : A.shape[-1]].copy_(A)
-        b_img[..., off : off + B.shape[-2], :r].copy_(B)
+        _put(a_region, A)
+        _put(b_region, B)
 
     def slot_nbytes(self) -> int:
         """Bytes of one slot, and of the host staging image a load packs it in."""
@@ -220,3 +227,12 @@ class LoRASlotPool:
                     assert not buf.A[s].any() and not buf.B[s].any(), (
                         f"empty LoRA slot {s} holds stale weights in {group} of layer {layer}"
                     )
+
+
+def _put(region: torch.Tensor, src: torch.Tensor) -> None:
+    """src into the leading corner of region's last two dims (broadcast over a leading expert
+    dim of 1), zeros in the rest of the region."""
+    rows, cols = src.shape[-2], src.shape[-1]
+    region[..., :rows, :cols].copy_(src)
+    region[..., rows:, :].zero_()
+    region[..., :rows, cols:].zero_()

@@ -2,15 +2,15 @@
 device slot (between the slot pool, which packs an adapter into the image, and the pool's
 device buffers).
 
-A load on CUDA: the host waits until the previous load's copies have read the image (the only
-host wait of a load), zeroes the image and packs the adapter into it (`LoRASlotPool.load`);
-then the side stream waits for the work queued so far on the compute stream (the batch in
-flight may still read the slot being overwritten: with overlap scheduling a request that
-finished late can be in it), copies every part asynchronously (one DMA per part), and the
-compute stream waits for those copies, so every batch queued later reads the new weights. The
-host does not wait for the device, except for back-to-back loads: the second waits for the
-first's copies, which wait for the batch in flight. On other devices the image is an ordinary
-tensor and the copies are synchronous.
+A load on CUDA: the host waits until the previous load's copies have read the image (the only host
+wait of a load), and the pool writes every byte of the image, the adapter and zeros around it
+(`LoRASlotPool.load`); then the side stream waits for the work queued so far on the compute stream
+(the batch in flight may still read the slot being overwritten: with overlap scheduling a request
+that finished late can be in it), copies every part asynchronously (one DMA per part), and the
+compute stream waits for those copies, so every batch queued later reads the new weights. The host
+does not wait for the device, except for back-to-back loads: the second waits for the first's
+copies, which wait for the batch in flight. On other devices the image is an ordinary tensor and
+the copies are synchronous.
 
 Only this one image is page-locked. The registry's adapter cache stays pageable: pinning every
 cached adapter made registering 8 expert adapters of a 30B MoE take 91 s at TP1 and 358 s at
@@ -45,11 +45,10 @@ class SlotStaging:
             weakref.finalize(self, _unpin, self.image, self.copied)
 
     def acquire(self) -> list[torch.Tensor]:
-        """The image's parts, zeroed, for the host to write into. Waits for the last load's
-        copies to have read them: the only host wait of a load."""
+        """The image's parts, holding the last load's image, for the host to overwrite whole.
+        Waits for the last load's copies to have read them: the only host wait of a load."""
         if self.copied is not None:
             self.copied.synchronize()
-        self.image.zero_()
         return self.parts
 
     def copy_to(self, dsts: list[torch.Tensor]) -> None:
