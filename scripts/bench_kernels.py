@@ -141,22 +141,9 @@ def check_moe(m: int, n: int, rank: int, max_slots: int) -> str:
         "base": rel(fused_moe(x, w13, w2, tw, ti), ref_base),
         "virtual_experts": rel(moe_lora_forward(x, w13, w2, tw, ti, slots, gu, dn), ref_lora),
         "fused": rel(moe_lora_forward(x, w13, w2, tw, ti, slots, gu, dn, virtual=False), ref_lora),
-        "in_gemm": rel(
-            moe_lora_forward(x, w13, w2, tw, ti, slots, gu, dn, shrink_in_gemm=True), ref_lora
-        ),
         "lora_effect": rel(ref_base, ref_lora),
     }
     return f"check M={m} adapters={n}: " + ", ".join(f"{k_} {v:.2e}" for k_, v in got.items())
-
-
-# (backend row name, virtual, shrink_in_gemm): "virtual_experts" as served (in-GEMM up to
-# SHRINK_IN_GEMM_MAX_TOKENS), and up to M = 64 both ways forced, to place that threshold
-BACKENDS = [
-    ("virtual_experts", True, None),
-    ("fused", False, False),
-    ("virtual_experts_kernels", True, False),
-    ("virtual_experts_in_gemm", True, True),
-]
 
 
 def bench_moe(ceil: dict[str, float], ms_list: list[int], rank: int, max_slots: int) -> list[dict]:
@@ -180,15 +167,14 @@ def bench_moe(ceil: dict[str, float], ms_list: list[int], rank: int, max_slots: 
             slots = (torch.arange(m, device="cuda") % n).long()  # tokens spread evenly
             gu, dn = pools[n]
             nb, fl = moe_bytes_flops(ti, slots, h, i, rank)
-            for backend, virtual, in_gemm in BACKENDS:
-                if in_gemm is not None and m > 64:
-                    continue
+            for backend, virtual in (("virtual_experts", True), ("fused", False)):
                 ms = graph_ms(
-                    lambda x=x, tw=tw, ti=ti, s=slots, gu=gu, dn=dn, v=virtual, n=n, g=in_gemm: (
-                        moe_lora_forward(x, w13, w2, tw, ti, s, gu, dn, virtual=v,
-                                         num_active_adapters=n, shrink_in_gemm=g)
+                    lambda x=x, tw=tw, ti=ti, s=slots, gu=gu, dn=dn, v=virtual, n=n: (
+                        moe_lora_forward(
+                            x, w13, w2, tw, ti, s, gu, dn, virtual=v, num_active_adapters=n
+                        )  # fmt: skip
                     )
-                )  # fmt: skip
+                )
                 roof = roofline_ms(nb, fl, ceil)
                 rows.append(dict(kernel="moe_lora", backend=backend, M=m, num_adapters=n,
                                  rank=rank, ms=ms, base_ms=base_ms, roofline_ms=roof,

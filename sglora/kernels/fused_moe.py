@@ -8,15 +8,11 @@ with MoE-LoRA the slot a = slot[t] (-1: none) and the shrink s of moe_lora.py:
   h[p]   = act(g) · u
   o[p]   = w_p · (h[p] W_down[e]ᵀ + s2[p] B2[a, e]ᵀ)                                  (down)
   y[t]   = Σ_j o[t·k + j]                                                     (top-k sum kernel)
-The LoRA term enters in the epilogue of the base tile, in one of three ways: the delta Δ
-written by moe_lora's expand kernel is added (large M: many slots per tile), or the expand runs
-here, one [BLOCK_M, R] × [R, BLOCK_N] dot per slot present among the tile's rows (LoRAConfig.
-expand_in_epilogue, tuned per M: one or two slots per tile, two launches and the [P, 2I] /
-[P, H] delta round trips saved; with many slots its B loads serialise), or (`LoRAInGemm`,
-the smallest M) the shrink too runs here: the alignment splits each expert's rows by slot
-(moe_align split_by_slot), so a tile has one slot, and its K loop accumulates s = x A[a, e]ᵀ
-next to the base product (A re-read by every N tile of the block, from L2) before the epilogue
-expands it; the shrink launches and the s round trip are gone, which is what small batches pay.
+The LoRA term enters in the epilogue of the base tile, in one of two ways (LoRAConfig.
+expand_in_epilogue, tuned per M): the delta Δ written by moe_lora's expand kernel is added
+(large M: many slots per tile), or the expand runs here, one [BLOCK_M, R] × [R, BLOCK_N] dot
+per slot present among the tile's rows (small M: one or two slots per tile, two launches and
+the [P, 2I] / [P, H] delta round trips saved; with many slots its B loads serialise).
 
 Each program computes a BLOCK_M × BLOCK_N tile of one block of `sorted_ids` (all rows of one
 expert, padding rows masked); gate and up tiles of the same columns share the x tile, so the
@@ -26,8 +22,7 @@ Pointer layouts (row-major, last dim contiguous):
   x [M, H]; w13 [E, 2I, H] ([gate; up]); w2 [E, H, I]; h [P, I]; out_pairs [P, H] = [M, k, H]
   topk_weights [P] (flattened [M, k]); slots [M] token slot (-1: none), read only with LoRA
   s [SPLIT, P, c·R] fp32 shrink partials (summed here); B13 [S, E|1, 2I, R]; B2 [S, E|1, H, R]
-  (expert stride 0 for dim 1); Δ13 [P, 2I], Δ2 [P, H]; sorted_ids / block_group from moe_align;
-  A13 [S, E|1, 2R, H], A2 [S, E|1, R, I] (LoRAInGemm; block group g = e·(S+1) + slot + 1).
+  (expert stride 0 for dim 1); Δ13 [P, 2I], Δ2 [P, H]; sorted_ids / block_group from moe_align.
 """
 
 from __future__ import annotations
@@ -77,22 +72,6 @@ def _tile_rows(
 
 
 @triton.jit
-def _block_expert(g, GROUPS_PER_EXPERT: tl.constexpr):
-    """(expert, slot of the whole tile or -1) of block group g: g = e·(S+1) + slot + 1 in an
-    alignment split by slot (GROUPS_PER_EXPERT = S + 1), else g = e."""
-    if GROUPS_PER_EXPERT > 1:
-        return g // GROUPS_PER_EXPERT, (g % GROUPS_PER_EXPERT - 1).to(tl.int64)
-    return g, tl.zeros((), dtype=tl.int64) - 1
-
-
-@triton.jit
-def _expand_one_slot(acc, sv, b_ptrs, ok, r_ok, n_ok, DOT_PREC: tl.constexpr):
-    """acc += sv B_tileᵀ with the [R, BLOCK_N] B tile at b_ptrs (not loaded unless `ok`)."""
-    b = tl.load(b_ptrs, mask=ok & r_ok[:, None] & n_ok[None, :], other=0.0)
-    return tl.dot(sv.to(b.dtype), b, acc, input_precision=DOT_PREC)
-
-
-@triton.jit
 def _lora_epilogue(
     acc, s_ptr, b_ptr, d_ptr, rows, slot, e, offs_n, n_ok, R, SPLIT, s_col, b_row,
     stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
@@ -123,60 +102,40 @@ def _lora_epilogue(
         for a in range(lo, hi + 1):
             mine = slot == a
             if tl.max(mine.to(tl.int32), 0) > 0:
+                b = tl.load(b_ptrs + a * stride_bs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
                 sa = tl.where(mine[:, None], sv, tl.zeros_like(sv))
-                acc = _expand_one_slot(acc, sa, b_ptrs + a * stride_bs, True, r_ok, n_ok, DOT_PREC)
+                acc += tl.dot(sa, b, input_precision=DOT_PREC)
     return acc
 
 
 @triton.jit
-def _shrink_ptrs(a_ptr, slot, e, offs_k, offs_r, stride_as, stride_ae, stride_ar):
-    """[BLOCK_K, BLOCK_R] pointers of A[slot, e]'s first K tile (slot -1: never loaded)."""
-    a = a_ptr + tl.maximum(slot, 0) * stride_as + e * stride_ae
-    return a + offs_r[None, :] * stride_ar + offs_k[:, None]
-
-
-@triton.jit
 def _gate_up_kernel(
-    x_ptr, w_ptr, h_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr, sorted_ids_ptr, block_group_ptr,
+    x_ptr, w_ptr, h_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, sorted_ids_ptr, block_group_ptr,
     num_pairs, top_k, I, K, num_pid_m, R, SPLIT,
     stride_xm, stride_we, stride_wn, stride_hm,
     stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
-    stride_as, stride_ae, stride_ar,
-    ACT: tl.constexpr, HAS_LORA: tl.constexpr, DELTA: tl.constexpr, SHRINK: tl.constexpr,
-    NUM_SLOTS: tl.constexpr, GROUPS_PER_EXPERT: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    ACT: tl.constexpr, HAS_LORA: tl.constexpr, DELTA: tl.constexpr, NUM_SLOTS: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     num_pid_n = tl.cdiv(I, BLOCK_N)
-    pid_n, g, rows = _tile_rows(
+    pid_n, e, rows = _tile_rows(
         sorted_ids_ptr, block_group_ptr, num_pid_m, num_pid_n, GROUP_M, BLOCK_M
     )
-    if g < 0:
+    if e < 0:
         return
-    e, tile_slot = _block_expert(g, GROUPS_PER_EXPERT)
-    e64 = e.to(tl.int64)
     row_ok = rows < num_pairs
     tok = (rows // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-    g_ptrs = w_ptr + e64 * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+    g_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
     u_ptrs = g_ptrs + I * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
-    lora_on = tile_slot >= 0
-    if SHRINK:  # s = x A[slot, e]ᵀ of gate (rows 0..R) and up (R..2R), next to the base product
-        ag_ptrs = _shrink_ptrs(a_ptr, tile_slot, e64, offs_k, offs_r, stride_as, stride_ae,
-                               stride_ar)  # fmt: skip
-        au_ptrs = ag_ptrs + R * stride_ar
-        s_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        s_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
-            k_ok = offs_k < BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
             bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
@@ -187,31 +146,20 @@ def _gate_up_kernel(
             bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PREC)
         acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PREC)
-        if SHRINK:
-            a_ok = lora_on & k_ok[:, None] & r_ok[None, :]
-            s_g = tl.dot(a, tl.load(ag_ptrs, mask=a_ok, other=0.0), s_g, input_precision=DOT_PREC)
-            s_u = tl.dot(a, tl.load(au_ptrs, mask=a_ok, other=0.0), s_u, input_precision=DOT_PREC)
-            ag_ptrs += BLOCK_K
-            au_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
     rows64 = rows.to(tl.int64)
-    if SHRINK:
-        bg_ptrs = b_ptr + tl.maximum(tile_slot, 0) * stride_bs + e64 * stride_be
-        bg_ptrs += offs_r[:, None] + offs_n[None, :] * stride_bn
-        acc_g = _expand_one_slot(acc_g, s_g, bg_ptrs, lora_on, r_ok, n_ok, DOT_PREC)
-        acc_u = _expand_one_slot(acc_u, s_u, bg_ptrs + I * stride_bn, lora_on, r_ok, n_ok,
-                                 DOT_PREC)  # fmt: skip
-    elif HAS_LORA:
+    if HAS_LORA:
         slot = tl.load(slots_ptr + tok, mask=row_ok, other=-1)
+        e_b = e.to(tl.int64)
         acc_g = _lora_epilogue(
-            acc_g, s_ptr, b_ptr, d_ptr, rows64, slot, e64, offs_n, n_ok, R, SPLIT, 0, 0,
+            acc_g, s_ptr, b_ptr, d_ptr, rows64, slot, e_b, offs_n, n_ok, R, SPLIT, 0, 0,
             stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
             DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R, DOT_PREC,
         )  # fmt: skip
         acc_u = _lora_epilogue(
-            acc_u, s_ptr, b_ptr, d_ptr, rows64, slot, e64, offs_n, n_ok, R, SPLIT, R, I,
+            acc_u, s_ptr, b_ptr, d_ptr, rows64, slot, e_b, offs_n, n_ok, R, SPLIT, R, I,
             stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
             DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R, DOT_PREC,
         )  # fmt: skip
@@ -222,42 +170,30 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w_ptr, out_ptr, tw_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr, sorted_ids_ptr,
+    h_ptr, w_ptr, out_ptr, tw_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, sorted_ids_ptr,
     block_group_ptr, num_pairs, top_k, N, K, num_pid_m, R, SPLIT,
     stride_hm, stride_we, stride_wn, stride_om,
     stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
-    stride_as, stride_ae, stride_ar,
-    HAS_LORA: tl.constexpr, DELTA: tl.constexpr, SHRINK: tl.constexpr, NUM_SLOTS: tl.constexpr,
-    GROUPS_PER_EXPERT: tl.constexpr,
+    HAS_LORA: tl.constexpr, DELTA: tl.constexpr, NUM_SLOTS: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_n, g, rows = _tile_rows(
+    pid_n, e, rows = _tile_rows(
         sorted_ids_ptr, block_group_ptr, num_pid_m, num_pid_n, GROUP_M, BLOCK_M
     )
-    if g < 0:
+    if e < 0:
         return
-    e, tile_slot = _block_expert(g, GROUPS_PER_EXPERT)
-    e64 = e.to(tl.int64)
     row_ok = rows < num_pairs
     rows64 = rows.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rows64[:, None] * stride_hm + offs_k[None, :]
-    b_ptrs = w_ptr + e64 * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+    b_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
-    lora_on = tile_slot >= 0
-    if SHRINK:  # s = h A_down[slot, e]ᵀ next to the base product
-        sa_ptrs = _shrink_ptrs(a_ptr, tile_slot, e64, offs_k, offs_r, stride_as, stride_ae,
-                               stride_ar)  # fmt: skip
-        s_d = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
-            k_ok = offs_k < BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
         else:
@@ -265,20 +201,12 @@ def _down_kernel(
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-        if SHRINK:
-            a_ok = lora_on & k_ok[:, None] & r_ok[None, :]
-            s_d = tl.dot(a, tl.load(sa_ptrs, mask=a_ok, other=0.0), s_d, input_precision=DOT_PREC)
-            sa_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    if SHRINK:
-        bd_ptrs = b_ptr + tl.maximum(tile_slot, 0) * stride_bs + e64 * stride_be
-        bd_ptrs += offs_r[:, None] + offs_n[None, :] * stride_bn
-        acc = _expand_one_slot(acc, s_d, bd_ptrs, lora_on, r_ok, n_ok, DOT_PREC)
-    elif HAS_LORA:
+    if HAS_LORA:
         slot = tl.load(slots_ptr + rows64 // top_k, mask=row_ok, other=-1)
         acc = _lora_epilogue(
-            acc, s_ptr, b_ptr, d_ptr, rows64, slot, e64, offs_n, n_ok, R, SPLIT,
+            acc, s_ptr, b_ptr, d_ptr, rows64, slot, e.to(tl.int64), offs_n, n_ok, R, SPLIT,
             0, 0, stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
             DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R, DOT_PREC,
         )  # fmt: skip
@@ -298,43 +226,21 @@ class LoRAExpand(NamedTuple):
     delta: torch.Tensor | None = None  # [P, c·N] in the activation dtype
 
 
-class LoRAInGemm(NamedTuple):
-    """Expert LoRA done whole inside the base kernels (shrink in the K loop, expand in the
-    epilogue); the alignment must be `moe_align(..., split_by_slot=True)` over B's S slots."""
-
-    A: torch.Tensor  # [S, E|1, c·R, K] pool buffer
-    B: torch.Tensor  # [S, E|1, c·N, R] pool buffer
-
-
-def _lora_args(lora: LoRAExpand | LoRAInGemm | None, dummy: torch.Tensor) -> tuple:
+def _lora_args(lora: LoRAExpand | None, dummy: torch.Tensor) -> tuple[list, list, dict]:
     """(pointers, ints, strides) and constexprs of the LoRA epilogue; dummies when absent."""
-    kw = dict(HAS_LORA=lora is not None, DELTA=False, SHRINK=isinstance(lora, LoRAInGemm),
-              NUM_SLOTS=1, BLOCK_R=16)  # fmt: skip
     if lora is None:
-        return [dummy] * 5, [0, 1], [0] * 9, kw
-    b = lora.B
-    r = b.shape[-1]
-    kw.update(NUM_SLOTS=b.shape[0], BLOCK_R=max(16, triton.next_power_of_2(r)))
-    be = b.stride(1) if b.shape[1] > 1 else 0  # shared across experts: expert stride 0
-    b_strides = [b.stride(0), be, b.stride(2)]
-    if isinstance(lora, LoRAInGemm):
-        a = lora.A
-        a_strides = [a.stride(0), a.stride(1) if a.shape[1] > 1 else 0, a.stride(2)]
-        return [dummy, b, dummy, dummy, a], [r, 1], [0, 0, *b_strides, 0, *a_strides], kw
-    d = lora.delta
+        return [dummy] * 4, [0, 1], [0] * 6, dict(HAS_LORA=False, DELTA=False, NUM_SLOTS=1,
+                                                  BLOCK_R=16)  # fmt: skip
+    b, d = lora.B, lora.delta
     s = lora.s if lora.s is not None else d
+    r = b.shape[-1]
+    be = b.stride(1) if b.shape[1] > 1 else 0  # shared across experts: expert stride 0
     split = s.shape[0] if d is None else 1
-    strides = [s.stride(0), s.stride(1) if s.dim() == 3 else 0, *b_strides,
-               d.stride(0) if d is not None else 0, 0, 0, 0]  # fmt: skip
-    kw.update(DELTA=d is not None)
-    ptrs = [s, b, d if d is not None else s, lora.token_slots, dummy]
-    return ptrs, [r, split], strides, kw
-
-
-def _groups_per_expert(align: MoEAlignment) -> int:
-    if align.groups_per_expert < 1:
-        raise ValueError("the base MoE kernels need an alignment by expert (not virtual experts)")
-    return align.groups_per_expert
+    strides = [s.stride(0), s.stride(1) if s.dim() == 3 else 0, b.stride(0), be, b.stride(2),
+               d.stride(0) if d is not None else 0]  # fmt: skip
+    kw = dict(HAS_LORA=True, DELTA=d is not None, NUM_SLOTS=b.shape[0],
+              BLOCK_R=max(16, triton.next_power_of_2(r)))  # fmt: skip
+    return [s, b, d if d is not None else s, lora.token_slots], [r, split], strides, kw
 
 
 def _check_moe_inputs(x, w13, w2, topk_weights, topk_ids) -> None:
@@ -356,25 +262,15 @@ def _check_moe_inputs(x, w13, w2, topk_weights, topk_ids) -> None:
         raise ValueError("topk_ids and topk_weights must be contiguous")
 
 
-def _check_lora(what, lora: LoRAExpand | LoRAInGemm | None, align, subs, out, in_dim, e, x):
+def _check_lora(what: str, lora: LoRAExpand | None, p: int, subs: int, out: int, e: int, x):
     if lora is None:
         return
-    p = align.num_pairs
     check_tensor(f"{what}.B", lora.B, 4, (x.dtype,), x.device)
     if not lora.B.is_contiguous():
         raise ValueError(f"{what}.B must be contiguous")
     if lora.B.shape[1] not in (1, e):
         raise ValueError(f"{what}.B: expert dim must be 1 or {e}, got {lora.B.shape[1]}")
     check_shape(f"{what}.B", lora.B, (None, None, subs * out, None))
-    if isinstance(lora, LoRAInGemm):
-        s, r = lora.B.shape[0], lora.B.shape[-1]
-        check_tensor(f"{what}.A", lora.A, 4, (x.dtype,), x.device)
-        check_shape(f"{what}.A", lora.A, (s, None, subs * r, in_dim))
-        if not lora.A.is_contiguous() or lora.A.shape[1] not in (1, e):
-            raise ValueError(f"{what}.A must be contiguous with expert dim 1 or {e}")
-        if align.groups_per_expert != s + 1:
-            raise ValueError(f"{what}: LoRAInGemm needs a split_by_slot alignment over {s} slots")
-        return
     if lora.delta is not None:
         check_tensor(f"{what}.delta", lora.delta, 2, (x.dtype,), x.device)
         check_shape(f"{what}.delta", lora.delta, (p, subs * out))
@@ -393,11 +289,11 @@ def moe_gate_up(
     top_k: int,
     cfg: GemmConfig,
     activation: str = "silu",
-    lora: LoRAExpand | LoRAInGemm | None = None,
+    lora: LoRAExpand | None = None,
 ) -> torch.Tensor:
-    """h [M·k, I] = act(gate) · up of every pair, with the LoRA of `lora` if given."""
+    """h [M·k, I] = act(gate) · up of every pair, with the LoRA expand of `lora` if given."""
     p, inter, hidden = align.num_pairs, w13.shape[1] // 2, w13.shape[2]
-    _check_lora("gate_up", lora, align, 2, inter, hidden, w13.shape[0], x)
+    _check_lora("gate_up", lora, p, 2, inter, w13.shape[0], x)
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
     num_pid_m = align.block_group.shape[0]
     grid = (num_pid_m * triton.cdiv(inter, cfg.block_n),)
@@ -409,7 +305,7 @@ def moe_gate_up(
         ACT=activation_id(activation), DOT_PREC=dot_precision(x.dtype), BLOCK_M=align.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         EVEN_K=hidden % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        GROUPS_PER_EXPERT=_groups_per_expert(align), **lkw,
+        **lkw,
     )  # fmt: skip
     return h
 
@@ -420,12 +316,12 @@ def moe_down(
     align: MoEAlignment,
     topk_weights: torch.Tensor,
     cfg: GemmConfig,
-    lora: LoRAExpand | LoRAInGemm | None = None,
+    lora: LoRAExpand | None = None,
 ) -> torch.Tensor:
     """out_pairs [M, k, H] = w_p · (h W_down[e]ᵀ + LoRA delta) of every pair."""
     p, hidden, inter = align.num_pairs, w2.shape[1], w2.shape[2]
     m, k = topk_weights.shape
-    _check_lora("down", lora, align, 1, hidden, inter, w2.shape[0], h)
+    _check_lora("down", lora, p, 1, hidden, w2.shape[0], h)
     if not topk_weights.is_contiguous():
         raise ValueError("topk_weights must be contiguous")
     out = torch.empty(m, k, hidden, dtype=h.dtype, device=h.device)
@@ -438,8 +334,7 @@ def moe_down(
         h.stride(0), w2.stride(0), w2.stride(1), hidden, *strides,
         DOT_PREC=dot_precision(h.dtype), BLOCK_M=align.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, EVEN_K=inter % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        GROUPS_PER_EXPERT=_groups_per_expert(align), **lkw,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **lkw,
     )  # fmt: skip
     return out
 

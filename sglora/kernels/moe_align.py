@@ -5,9 +5,6 @@
 Math. Pair p = t·k + j of token t and its j-th routed expert e = topk_ids[t, j] belongs to group
   g(p) = e                       (base experts, G = E groups)
   g(p) = slot[t]·E + e           (virtual experts, G = S·E; pairs with slot[t] = -1 are dropped)
-  g(p) = e·(S + 1) + slot[t] + 1  (expert-major split by slot, G = E·(S + 1); every pair kept,
-                                  a block is one expert and one slot or none: the MoE-LoRA path
-                                  that shrinks inside the base GEMMs, moe_lora.py)
 Groups are laid out in id order, group g taking ceil(n_g / BM)·BM entries of `sorted_ids`.
 
 Outputs (sized for the worst case from host-known shapes, so a CUDA graph can capture them):
@@ -51,23 +48,16 @@ class MoEAlignment(NamedTuple):
     block_m: int
     num_groups: int
     num_pairs: int  # P = M·k; the padding id in sorted_ids
-    # g = e·n + slot + 1 with n = S + 1 when split by slot, 1 by expert; 0: virtual experts
-    # (g = slot·E + e), which the base GEMMs cannot take
-    groups_per_expert: int = 1
 
 
 @triton.jit
-def _groups(topk_ids_ptr, slots_ptr, offs, P, top_k, E, S1, GROUPING: tl.constexpr):
-    """Group id of pairs `offs` and whether they take part (in range, and with an adapter in
-    the virtual grouping)."""
+def _groups(topk_ids_ptr, slots_ptr, offs, P, top_k, E, HAS_SLOTS: tl.constexpr):
+    """Group id of pairs `offs` and whether they take part (in range, and with an adapter)."""
     inside = offs < P
     g = tl.load(topk_ids_ptr + offs, mask=inside, other=0).to(tl.int32)
-    if GROUPING == 1:
+    if HAS_SLOTS:
         s = tl.load(slots_ptr + offs // top_k, mask=inside, other=-1).to(tl.int32)
         g = tl.where(s >= 0, s * E + g, -1)
-    elif GROUPING == 2:
-        s = tl.load(slots_ptr + offs // top_k, mask=inside, other=-1).to(tl.int32)
-        g = g * S1 + tl.maximum(s, -1) + 1
     return g, inside & (g >= 0)
 
 
@@ -93,10 +83,10 @@ def _scan(counts_ptr, num_padded_ptr, G, BLOCK_M: tl.constexpr, CHUNK: tl.conste
 
 @triton.jit
 def _scatter(
-    topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, offs, P, top_k, E, S1,
-    GROUPING: tl.constexpr, BLOCK_M: tl.constexpr,
+    topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, offs, P, top_k, E,
+    HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    g, ok = _groups(topk_ids_ptr, slots_ptr, offs, P, top_k, E, S1, GROUPING)
+    g, ok = _groups(topk_ids_ptr, slots_ptr, offs, P, top_k, E, HAS_SLOTS)
     pos = tl.atomic_add(counts_ptr + g, 1, mask=ok, sem="relaxed")
     tl.store(sorted_ids_ptr + pos, offs, mask=ok)
     tl.store(block_group_ptr + pos // BLOCK_M, g, mask=ok & (pos % BLOCK_M == 0))
@@ -105,8 +95,8 @@ def _scatter(
 @triton.jit
 def _align_in_one_program(
     topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, num_padded_ptr,
-    P, top_k, E, S1, G, cap,
-    GROUPING: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+    P, top_k, E, G, cap,
+    HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     for c0 in range(0, G, CHUNK):
         offs = c0 + tl.arange(0, CHUNK)
@@ -115,8 +105,7 @@ def _align_in_one_program(
         _fill(sorted_ids_ptr, block_group_ptr, c0 + tl.arange(0, CHUNK), P, cap, BLOCK_M)
     tl.debug_barrier()
     for c0 in range(0, P, CHUNK):
-        offs = c0 + tl.arange(0, CHUNK)
-        g, ok = _groups(topk_ids_ptr, slots_ptr, offs, P, top_k, E, S1, GROUPING)
+        g, ok = _groups(topk_ids_ptr, slots_ptr, c0 + tl.arange(0, CHUNK), P, top_k, E, HAS_SLOTS)
         tl.atomic_add(counts_ptr + g, 1, mask=ok, sem="relaxed")
     tl.debug_barrier()
     _scan(counts_ptr, num_padded_ptr, G, BLOCK_M, CHUNK)
@@ -124,7 +113,7 @@ def _align_in_one_program(
     for c0 in range(0, P, CHUNK):
         _scatter(
             topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr,
-            c0 + tl.arange(0, CHUNK), P, top_k, E, S1, GROUPING, BLOCK_M,
+            c0 + tl.arange(0, CHUNK), P, top_k, E, HAS_SLOTS, BLOCK_M,
         )  # fmt: skip
 
 
@@ -132,31 +121,31 @@ def _align_in_one_program(
 def _align_one_program_kernel(
     topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, num_padded_ptr,
     counts2_ptr, sorted_ids2_ptr, block_group2_ptr, num_padded2_ptr,
-    P, top_k, E, S1, G, cap, G2, cap2,
-    GROUPING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M2: tl.constexpr, CHUNK: tl.constexpr,
+    P, top_k, E, G, cap, G2, cap2,
+    HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M2: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     """Program 0: one alignment; program 1 (if launched): a virtual-expert alignment of the
     same pairs into the second set of outputs, concurrently."""
     if tl.program_id(0) == 0:
         _align_in_one_program(
             topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr,
-            num_padded_ptr, P, top_k, E, S1, G, cap, GROUPING, BLOCK_M, CHUNK,
+            num_padded_ptr, P, top_k, E, G, cap, HAS_SLOTS, BLOCK_M, CHUNK,
         )  # fmt: skip
     else:
         _align_in_one_program(
             topk_ids_ptr, slots_ptr, counts2_ptr, sorted_ids2_ptr, block_group2_ptr,
-            num_padded2_ptr, P, top_k, E, S1, G2, cap2, 1, BLOCK_M2, CHUNK,
+            num_padded2_ptr, P, top_k, E, G2, cap2, True, BLOCK_M2, CHUNK,
         )  # fmt: skip
 
 
 @triton.jit
 def _align_count_kernel(
-    topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, P, top_k, E, S1, cap,
-    GROUPING: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+    topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, P, top_k, E, cap,
+    HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     _fill(sorted_ids_ptr, block_group_ptr, offs, P, cap, BLOCK_M)
-    g, ok = _groups(topk_ids_ptr, slots_ptr, offs, P, top_k, E, S1, GROUPING)
+    g, ok = _groups(topk_ids_ptr, slots_ptr, offs, P, top_k, E, HAS_SLOTS)
     tl.atomic_add(counts_ptr + g, 1, mask=ok, sem="relaxed")
 
 
@@ -167,13 +156,13 @@ def _align_scan_kernel(counts_ptr, num_padded_ptr, G, BLOCK_M: tl.constexpr, CHU
 
 @triton.jit
 def _align_scatter_kernel(
-    topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, P, top_k, E, S1,
-    GROUPING: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+    topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, P, top_k, E,
+    HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     _scatter(
         topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, offs, P, top_k, E,
-        S1, GROUPING, BLOCK_M,
+        HAS_SLOTS, BLOCK_M,
     )  # fmt: skip
 
 
@@ -183,7 +172,7 @@ def align_capacity(num_pairs: int, num_groups: int, block_m: int) -> int:
     return max(block_m, triton.cdiv(cap, block_m) * block_m)
 
 
-def _outputs(p: int, groups: int, block_m: int, device, per_expert: int = 1) -> MoEAlignment:
+def _outputs(p: int, groups: int, block_m: int, device) -> MoEAlignment:
     cap = align_capacity(p, groups, block_m)
     return MoEAlignment(
         torch.empty(cap, dtype=torch.int32, device=device),
@@ -192,7 +181,6 @@ def _outputs(p: int, groups: int, block_m: int, device, per_expert: int = 1) -> 
         block_m,
         groups,
         p,
-        per_expert,
     )
 
 
@@ -211,18 +199,17 @@ def _check(topk_ids, num_experts, block_m, token_slots, num_slots) -> None:
             raise ValueError("num_slots must be >= 1 with token_slots")
 
 
-def _launch_multi(topk_ids, slots, out: MoEAlignment, num_experts: int, s1: int, grouping: int):
+def _launch_multi(topk_ids, slots, out: MoEAlignment, num_experts: int, has_slots: bool):
     p, k = out.num_pairs, topk_ids.shape[1]
     cap, bm = out.sorted_ids.shape[0], out.block_m
     counts = torch.zeros(out.num_groups, dtype=torch.int32, device=topk_ids.device)
-    common = dict(GROUPING=grouping, BLOCK_M=bm, CHUNK=_CHUNK)
+    common = dict(HAS_SLOTS=has_slots, BLOCK_M=bm, CHUNK=_CHUNK)
     _align_count_kernel[(triton.cdiv(max(cap, p), _CHUNK),)](
-        topk_ids, slots, counts, out.sorted_ids, out.block_group, p, k, num_experts, s1, cap,
-        **common,
-    )  # fmt: skip
+        topk_ids, slots, counts, out.sorted_ids, out.block_group, p, k, num_experts, cap, **common
+    )
     _align_scan_kernel[(1,)](counts, out.num_padded, out.num_groups, BLOCK_M=bm, CHUNK=_CHUNK)
     _align_scatter_kernel[(triton.cdiv(p, _CHUNK),)](
-        topk_ids, slots, counts, out.sorted_ids, out.block_group, p, k, num_experts, s1, **common
+        topk_ids, slots, counts, out.sorted_ids, out.block_group, p, k, num_experts, **common
     )
 
 
@@ -232,29 +219,24 @@ def moe_align(
     block_m: int,
     token_slots: torch.Tensor | None = None,
     num_slots: int = 0,
-    split_by_slot: bool = False,
 ) -> MoEAlignment:
-    """Sort the pairs of `topk_ids` [M, k] by expert, padded per group to `block_m`. With
-    `token_slots` [M]: by slot·E + expert, dropping tokens with slot -1 (virtual experts), or
-    with `split_by_slot` by expert·(S+1) + slot + 1, keeping every pair."""
+    """Sort the pairs of `topk_ids` [M, k] by expert (or by slot·E + expert when `token_slots`
+    [M] is given, dropping tokens with slot -1), padded per group to `block_m`."""
     _check(topk_ids, num_experts, block_m, token_slots, num_slots)
-    if split_by_slot and token_slots is None:
-        raise ValueError("split_by_slot needs token_slots")
     m, k = topk_ids.shape
-    grouping = 0 if token_slots is None else 2 if split_by_slot else 1
-    s1 = num_slots + 1
-    groups = num_experts * (1, num_slots, s1)[grouping]
-    out = _outputs(m * k, groups, block_m, topk_ids.device, (1, 0, s1)[grouping])
-    slots = topk_ids if token_slots is None else token_slots  # unused pointer in grouping 0
+    groups = num_experts * (num_slots if token_slots is not None else 1)
+    out = _outputs(m * k, groups, block_m, topk_ids.device)
+    has_slots = token_slots is not None
+    slots = token_slots if has_slots else topk_ids  # unused pointer when HAS_SLOTS is False
     if m * k > ONE_PROGRAM_MAX_PAIRS:
-        _launch_multi(topk_ids, slots, out, num_experts, s1, grouping)
+        _launch_multi(topk_ids, slots, out, num_experts, has_slots)
         return out
     counts = torch.empty(groups, dtype=torch.int32, device=topk_ids.device)
     _align_one_program_kernel[(1,)](
         topk_ids, slots, counts, out.sorted_ids, out.block_group, out.num_padded,
         counts, out.sorted_ids, out.block_group, out.num_padded,
-        m * k, k, num_experts, s1, groups, out.sorted_ids.shape[0], 0, 0,
-        GROUPING=grouping, BLOCK_M=block_m, BLOCK_M2=block_m,
+        m * k, k, num_experts, groups, out.sorted_ids.shape[0], 0, 0,
+        HAS_SLOTS=has_slots, BLOCK_M=block_m, BLOCK_M2=block_m,
         **_one_program_launch(m * k, groups),
     )  # fmt: skip
     return out
@@ -280,15 +262,15 @@ def moe_align_base_and_virtual(
             moe_align(topk_ids, num_experts, block_m_virtual, token_slots, num_slots),
         )
     base = _outputs(p, num_experts, block_m, topk_ids.device)
-    virt = _outputs(p, num_experts * num_slots, block_m_virtual, topk_ids.device, 0)
+    virt = _outputs(p, num_experts * num_slots, block_m_virtual, topk_ids.device)
     counts = torch.empty(
         base.num_groups + virt.num_groups, dtype=torch.int32, device=topk_ids.device
     )
     _align_one_program_kernel[(2,)](
         topk_ids, token_slots, counts, base.sorted_ids, base.block_group, base.num_padded,
         counts[base.num_groups :], virt.sorted_ids, virt.block_group, virt.num_padded,
-        p, k, num_experts, 1, base.num_groups, base.sorted_ids.shape[0], virt.num_groups,
-        virt.sorted_ids.shape[0], GROUPING=0, BLOCK_M=block_m, BLOCK_M2=block_m_virtual,
+        p, k, num_experts, base.num_groups, base.sorted_ids.shape[0], virt.num_groups,
+        virt.sorted_ids.shape[0], HAS_SLOTS=False, BLOCK_M=block_m, BLOCK_M2=block_m_virtual,
         **_one_program_launch(p, virt.num_groups),
     )  # fmt: skip
     return base, virt

@@ -21,12 +21,6 @@ Two groupings (the `VIRTUAL` constexpr):
 The input dim is split over SPLIT_K programs when M is small (fp32 partials s [SPLIT_K, P, c·R],
 summed by the expand). Rows without an adapter are never written nor read.
 
-For the smallest batches (M <= SHRINK_IN_GEMM_MAX_TOKENS, virtual experts) neither kernel runs:
-the base kernels of fused_moe.py do the shrink in their K loop and the expand in their epilogue
-over an alignment split by (expert, slot) (`LoRAInGemm`), so the MoE-LoRA layer costs the base
-layer's launches plus one alignment. There the layer is launch-bound, not byte-bound: the
-two shrink launches and the s round trip cost more than every N tile re-reading A from L2.
-
 Pointer layouts (last dim contiguous): inp [rows, K] (x [M, H] read at row t, or h [P, I] at
 row p); A [S, E|1, c·R, K]; B [S, E|1, c·N, R]; s [SPLIT_K, P, c·R] fp32; Δ [P, c·N];
 slots [M]; sorted_ids / block_group from moe_align.
@@ -42,7 +36,6 @@ import triton.language as tl
 
 from sglora.kernels.fused_moe import (
     LoRAExpand,
-    LoRAInGemm,
     _check_moe_inputs,
     moe_down,
     moe_gate_up,
@@ -62,9 +55,6 @@ from sglora.kernels.moe_common import (
 # tile then holds one slot, so the epilogue adds one B tile load and saves two launches and the
 # delta round trips (measured on H200: 1.23x -> ~1.15x of base at M=512, one adapter)
 EPILOGUE_MAX_ADAPTERS = 1
-
-# up to this many tokens the whole LoRA runs inside the base kernels (LoRAInGemm)
-SHRINK_IN_GEMM_MAX_TOKENS = 8
 
 
 class ExpertLoRA(NamedTuple):
@@ -266,16 +256,13 @@ def moe_lora_forward(
     virtual: bool = True,
     config: MoEConfig | None = None,
     num_active_adapters: int | None = None,
-    shrink_in_gemm: bool | None = None,
 ) -> torch.Tensor:
     """The MoE layer with expert LoRA: x [M, H], topk [M, k], token_slots [M] (-1: no adapter)
     -> [M, H]. `virtual`: virtual-expert grouping, else per-slot over the base alignment.
 
     `num_active_adapters` (host-known, optional): with at most EPILOGUE_MAX_ADAPTERS the expand
-    runs in the base epilogues whatever the tuned config says (one B tile per base tile).
-    `shrink_in_gemm` (virtual only; default: M <= SHRINK_IN_GEMM_MAX_TOKENS): the whole LoRA
-    inside the base kernels. All paths compute the same function, so a CUDA graph captured
-    either way stays correct."""
+    runs in the base epilogues whatever the tuned config says (one B tile per base tile). Both
+    paths compute the same function, so a CUDA graph captured either way stays correct."""
     _check_moe_inputs(x, w13, w2, topk_weights, topk_ids)
     m, k = topk_ids.shape
     e, hidden, inter = w2.shape
@@ -288,15 +275,6 @@ def moe_lora_forward(
     if m == 0:
         return torch.zeros_like(x)
     cfg = config or get_moe_config(m, e, hidden, inter, k, x.dtype)
-    if shrink_in_gemm is None:
-        shrink_in_gemm = m <= SHRINK_IN_GEMM_MAX_TOKENS
-    if virtual and shrink_in_gemm and (gate_up is not None or down is not None):
-        slots = (gate_up or down).A.shape[0]
-        align = moe_align(topk_ids, e, cfg.block_m, token_slots, slots, split_by_slot=True)
-        gu = LoRAInGemm(*gate_up) if gate_up is not None else None
-        h = moe_gate_up(x, w13, align, k, cfg.gate_up, activation, gu)
-        dn = LoRAInGemm(*down) if down is not None else None
-        return moe_sum(moe_down(h, w2, align, topk_weights, cfg.down, dn))
     if virtual and (gate_up is not None or down is not None):
         slots = (gate_up or down).A.shape[0]
         base, lora_align = moe_align_base_and_virtual(

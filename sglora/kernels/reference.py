@@ -219,20 +219,15 @@ def moe_align_ref(
     num_experts: int,
     block_m: int,
     token_slots: torch.Tensor | None = None,
-    num_slots: int | None = None,
 ) -> list[tuple[int, list[int]]]:
     """Twin of `moe_align` read as data: [(group, sorted pair ids)] of every non-empty group in
-    group order, group = expert, or slot·E + expert with token_slots (slot -1 pairs dropped),
-    or expert·(S+1) + slot + 1 with token_slots and num_slots S (`split_by_slot`).
+    group order, group = expert, or slot·E + expert with token_slots (slot -1 pairs dropped).
     The kernel's group g then spans ceil(n_g / block_m) blocks holding exactly these pairs."""
     k = topk_ids.shape[1]
     g = topk_ids.reshape(-1).long()
     if token_slots is not None:
         s = token_slots.long().repeat_interleave(k)
-        if num_slots is not None:
-            g = g * (num_slots + 1) + s + 1
-        else:
-            g = torch.where(s >= 0, s * num_experts + g, torch.full_like(g, -1))
+        g = torch.where(s >= 0, s * num_experts + g, torch.full_like(g, -1))
     return [(int(v), (g == v).nonzero().flatten().tolist()) for v in torch.unique(g) if v >= 0]
 
 

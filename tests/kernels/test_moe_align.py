@@ -71,19 +71,6 @@ def test_moe_align_virtual_experts_drop_tokens_without_adapter(m, e, k, block_m,
     check_alignment(align, moe_align_ref(ids, e, block_m, slots), block_m, m * k)
 
 
-@pytest.mark.parametrize("m,e,k,block_m,dup", CASES)
-def test_moe_align_split_by_slot_keeps_every_pair(m, e, k, block_m, dup):
-    num_slots = 3
-    ids = random_routing(m, e, k, seed=m + 7, duplicates=dup).to(DEVICE)
-    g = torch.Generator().manual_seed(m + 2)
-    slots = torch.randint(-1, num_slots, (m,), generator=g).to(DEVICE)
-    align = moe_align(ids, e, block_m, slots, num_slots, split_by_slot=True)
-    assert align.num_groups == (num_slots + 1) * e
-    groups = moe_align_ref(ids, e, block_m, slots, num_slots)
-    assert sum(len(pairs) for _, pairs in groups) == m * k
-    check_alignment(align, groups, block_m, m * k)
-
-
 @pytest.mark.parametrize("m", [1, 9, 1100])  # one launch for both, and the multi-program path
 def test_moe_align_base_and_virtual_in_one_pass(m):
     ids = random_routing(m, 8, 4, seed=m).to(DEVICE)
@@ -112,7 +99,6 @@ def test_multi_program_threshold_is_exercised():
         (lambda ids: (ids[:, 0], 8, 16), "2 dims"),
         (lambda ids: (ids.t(), 8, 16), "contiguous"),
         (lambda ids: (ids, 8, 24), "power of two"),
-        (lambda ids: (ids, 8, 16, None, 0, True), "needs token_slots"),
     ],
 )
 def test_moe_align_rejects_bad_inputs(bad, msg):

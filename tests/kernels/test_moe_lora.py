@@ -1,5 +1,4 @@
-"""MoE-LoRA kernels (virtual-expert and per-slot "fused" groupings, and the whole LoRA inside the
-base kernels over a split-by-slot alignment, "in_gemm") equal their float64 twin on
+"""MoE-LoRA kernels (virtual-expert and per-slot "fused" groupings) equal their float64 twin on
 ragged batches: M = 1, M off the block size, ranks 1-64 mixed (zero-padded in the pool), an
 empty slot, tokens without an adapter, duplicated top-k experts, shared-outer buffers (expert
 dim 1), one-sided adapters, split-K and whole-K shrink, the expand in its own kernel or in the
@@ -57,25 +56,18 @@ def token_slots(m: int, seed: int) -> torch.Tensor:
     return slots.to(DEVICE)
 
 
-PATHS = {  # test id -> (virtual, shrink_in_gemm)
-    "virtual_experts": (True, False),
-    "fused": (False, False),
-    "in_gemm": (True, True),
-}
-
-
-def run_case(m, h, i, e, k, dtype, path, lora="split", shared_outer=False, sides="both", dup=False):
+def run_case(
+    m, h, i, e, k, dtype, virtual, lora="split", shared_outer=False, sides="both", dup=False
+):
     x, w13, w2, tw, ti = moe_inputs(m, h, i, e, k, dtype, seed=m + e, duplicates=dup)
     slots = token_slots(m, seed=m)
     gate_up = expert_lora(2, h, i, 1 if shared_outer else e, e, dtype, seed=1)
     down = expert_lora(1, i, h, e, 1 if shared_outer else e, dtype, seed=2)
     gate_up = gate_up if sides in ("both", "gate_up") else None
     down = down if sides in ("both", "down") else None
-    virtual, in_gemm = PATHS[path]
     out = moe_lora_forward(
-        x, w13, w2, tw, ti, slots, gate_up, down, virtual=virtual, config=config(lora),
-        shrink_in_gemm=in_gemm,
-    )  # fmt: skip
+        x, w13, w2, tw, ti, slots, gate_up, down, virtual=virtual, config=config(lora)
+    )
     ref = fused_moe_ref(x, w13, w2, tw, ti, "silu", slots, gate_up, down)
     assert out.shape == (m, h) and out.dtype == dtype
     close(out, ref, dtype)
@@ -86,14 +78,14 @@ def run_case(m, h, i, e, k, dtype, path, lora="split", shared_outer=False, sides
 SHAPES = [(1, 64, 32, 4, 2), (13, 48, 40, 8, 3), (40, 32, 32, 6, 2)]  # (M, H, I, E, k)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("virtual", [True, False], ids=["virtual_experts", "fused"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_moe_lora_matches_reference(shape, dtype, path):
-    run_case(*shape, dtype, path, lora="split" if shape[0] % 2 else "split_epilogue")
+def test_moe_lora_matches_reference(shape, dtype, virtual):
+    run_case(*shape, dtype, virtual, lora="split" if shape[0] % 2 else "split_epilogue")
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("virtual", [True, False], ids=["virtual_experts", "fused"])
 @pytest.mark.parametrize(
     "lora,shared_outer,sides,dup",
     [
@@ -104,19 +96,16 @@ def test_moe_lora_matches_reference(shape, dtype, path):
         ("whole", False, "down", False),
     ],
 )
-def test_moe_lora_variants(path, lora, shared_outer, sides, dup):
-    run_case(11, 32, 32, 4, 2, DTYPES[-1], path, lora, shared_outer, sides, dup)
+def test_moe_lora_variants(virtual, lora, shared_outer, sides, dup):
+    run_case(11, 32, 32, 4, 2, DTYPES[-1], virtual, lora, shared_outer, sides, dup)
 
 
-@pytest.mark.parametrize("in_gemm", [False, True])
-def test_moe_lora_no_adapter_tokens_equal_base(in_gemm):
+def test_moe_lora_no_adapter_tokens_equal_base():
     """A batch whose tokens all lack an adapter computes exactly the base layer."""
     x, w13, w2, tw, ti = moe_inputs(5, 32, 16, 4, 2, torch.float32, seed=9)
     slots = torch.full((5,), -1, dtype=torch.int64, device=DEVICE)
     gu = expert_lora(2, 32, 16, 4, 4, torch.float32, seed=1)
-    out = moe_lora_forward(
-        x, w13, w2, tw, ti, slots, gu, None, config=config("split"), shrink_in_gemm=in_gemm
-    )
+    out = moe_lora_forward(x, w13, w2, tw, ti, slots, gu, None, config=config("split"))
     close(out, fused_moe_ref(x, w13, w2, tw, ti), torch.float32)
 
 
