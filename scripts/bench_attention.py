@@ -31,7 +31,19 @@ logger = logging.getLogger("bench_attention")
 
 # launch configs: decode (block_n, num_warps, num_stages); extend (block_m, block_n, warps,
 # stages). None: the launcher's default.
-DECODE_VARIANTS = [None, (64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (32, 4, 3)]
+DECODE_VARIANTS = [
+    None,
+    (64, 4, 2),
+    (64, 4, 3),
+    (128, 4, 3),
+    (128, 8, 3),
+    (32, 4, 3),
+    (32, 4, 4),
+    (64, 4, 4),
+    (64, 8, 3),
+    (32, 2, 4),
+    (16, 2, 4),
+]
 EXTEND_VARIANTS = [None, (64, 64, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3)]
 DEV = "cuda"
 
