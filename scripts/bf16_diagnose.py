@@ -4,7 +4,9 @@ their PyTorch twins (router, norms, rotary, activation, attention, MoE), and pri
 base request, 0.5·mean((ours − HF)²) against HF bf16 and fp32 and the positions that carry most
 of it: one or two positions point at a routing flip, an even spread at a numeric difference.
 
-    python scripts/bf16_diagnose.py --family mixtral
+    python scripts/bf16_diagnose.py --family mixtral [--kind embed_head]
+
+`--kind` looks at the requests of one adapter kind of that batch instead of the base ones.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def run(family: str, variant: str, **kw):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--family", default="mixtral")
+    p.add_argument("--kind", default=None, help="adapter kind (sglora/testing/adapters.py)")
     args = p.parse_args()
     variants = {
         "production": {},
@@ -53,15 +56,18 @@ def main() -> None:
         "attn_torch": {"attention_backend": "torch_native"},
         "moe_torch": {"lora_moe_backend": "torch_native"},
     }
-    models = {
-        dt: load_reference(args.family, None).to("cuda", dt)
-        for dt in (torch.float32, torch.bfloat16)
-    }
+    models = {}
     for variant, kw in variants.items():
         _, paths, order, prompts, results = run(args.family, variant, **kw)
-        print(f"\n== {args.family} {variant}")
+        if not models:
+            adapter = None if args.kind is None else paths[args.kind][1]
+            models = {
+                dt: load_reference(args.family, adapter).to("cuda", dt)
+                for dt in (torch.float32, torch.bfloat16)
+            }
+        print(f"\n== {args.family} {variant} ({args.kind or 'base'} requests)")
         for i, (prompt, kind, res) in enumerate(zip(prompts, order, results)):
-            if kind is not None:
+            if kind != args.kind:
                 continue
             full = prompt + res["output_ids"]
             got = all_logprobs(res)
