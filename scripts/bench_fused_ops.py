@@ -4,7 +4,12 @@ a CUDA-graph replay (so launch gaps count as they do in a decode graph), and the
 one decoder layer (input norm + residual, q/k norm + RoPE, KV store, post-attention norm +
 residual, router), for M tokens. Before timing, checks each kernel against its twin.
 
-    PYTHONPATH=. python scripts/bench_fused_ops.py [--ms 1 8 64 256 2048] [--out rows.json]
+`router_fused` (M ≤ kernels.router.FUSED_MAX_TOKENS only) times the router GEMM + top-k in one
+launch against what runs without it, cuBLAS `F.linear` then the `topk_softmax` kernel (in the
+torch_ms column): the largest M where it wins is `FUSED_ROUTER_MAX_TOKENS` in
+layers/moe/router.py.
+
+    PYTHONPATH=. python scripts/bench_fused_ops.py [--ms 1 8 32 64 256 2048] [--out rows.json]
 
 Rows: `op, M, torch_ms, triton_ms, speedup, device, date, commit` (medians of
 triton.testing.do_bench_cudagraph).
@@ -20,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
 from sglora.kernels import reference as ref
@@ -27,7 +33,7 @@ from sglora.kernels.activation import act_and_mul
 from sglora.kernels.kv_store import store_kv
 from sglora.kernels.norm import fused_add_rmsnorm, rmsnorm
 from sglora.kernels.rotary import rotary_embedding
-from sglora.kernels.router import topk_softmax
+from sglora.kernels.router import FUSED_MAX_TOKENS, fused_router, topk_softmax
 from sglora.layers.rotary import RotaryEmbedding
 
 H, HQ, HK, D, E, TOP_K, DENSE_I, EPS = 2048, 32, 4, 128, 128, 8, 6144, 1e-6
@@ -50,6 +56,7 @@ class Problem:
         inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2).float() / D))
         self.cache = RotaryEmbedding(D, 40960, inv_freq).cos_sin_cache.to(DEV)
         self.logits = rnd(m, E, scale=3.0)
+        self.router_w = rnd(E, H, scale=0.02)  # logits of std ~1 from x of std 1
         self.gate_up = rnd(m, 2 * DENSE_I)
         self.kbuf, self.vbuf = rnd(4097, HK, D), rnd(4097, HK, D)
         self.loc = torch.randperm(4096, device=DEV)[:m] + 1
@@ -96,6 +103,12 @@ def ops(p: Problem) -> dict[str, tuple[Callable[[], object], Callable[[], object
 
         return run
 
+    router = {
+        "router_fused": (
+            lambda: topk_softmax(F.linear(p.x, p.router_w), TOP_K, True, DT),
+            lambda: fused_router(p.x, p.router_w, TOP_K, True, DT),
+        )
+    }
     return {
         "rmsnorm": (lambda: ref.rmsnorm_ref(p.x, p.w, EPS), lambda: rmsnorm(p.x, p.w, EPS)),
         "fused_add_rmsnorm": (
@@ -112,6 +125,7 @@ def ops(p: Problem) -> dict[str, tuple[Callable[[], object], Callable[[], object
             lambda: ref.act_and_mul_ref(p.gate_up),
             lambda: act_and_mul(p.gate_up),
         ),
+        **(router if p.m <= FUSED_MAX_TOKENS else {}),
         "layer_total": (layer(False), layer(True)),
     }
 
@@ -134,6 +148,13 @@ def check(p: Problem) -> list[str]:
     w, ids = topk_softmax(p.logits, TOP_K, True, DT)
     w_ref, ids_ref = ref.topk_softmax_ref(p.logits, TOP_K, True, DT)
     out.append(f"router {diff(w, w_ref):.3g} ids equal {bool((ids == ids_ref).all())}")
+    if p.m <= FUSED_MAX_TOKENS:
+        # bf16 logits round differently now and then (float32 sums in another order), and
+        # torch.topk orders ties arbitrarily: count the rows routed to the same expert set
+        w, ids = fused_router(p.x, p.router_w, TOP_K, True, DT)
+        w_ref, ids_ref = ref.topk_softmax_ref(F.linear(p.x, p.router_w), TOP_K, True, DT)
+        same = (ids.sort(-1).values == ids_ref.sort(-1).values).all(-1).float().mean()
+        out.append(f"router_fused {diff(w, w_ref):.3g} same experts {same:.0%} of rows")
     out.append(f"act_and_mul {diff(act_and_mul(p.gate_up), ref.act_and_mul_ref(p.gate_up)):.3g}")
     return out
 
@@ -148,7 +169,7 @@ def git_commit() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--ms", nargs="*", type=int, default=[1, 8, 64, 256, 2048])
+    ap.add_argument("--ms", nargs="*", type=int, default=[1, 8, 32, 64, 256, 2048])
     ap.add_argument("--out", type=Path, default=None, help="write the rows here (JSON)")
     args = ap.parse_args()
     name = torch.cuda.get_device_name()

@@ -9,7 +9,7 @@ from transformers import PretrainedConfig
 from sglora.distributed.parallel_state import tp_all_reduce
 from sglora.layers.linear import ReplicatedLinear
 from sglora.layers.moe.experts import FusedMoE
-from sglora.layers.moe.router import RoutingConfig, select_experts
+from sglora.layers.moe.router import RoutingConfig, route
 from sglora.models.llama import LlamaMLP
 from sglora.models.qwen3 import Qwen3ForCausalLM
 
@@ -36,7 +36,7 @@ class SparseMoeBlock(nn.Module):
 
     def routed(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum of the routed experts, before the all-reduce."""
-        weights, ids = select_experts(self.gate(x), self.routing)
+        weights, ids = route(x, self.gate, self.routing)
         return self.experts(x, weights, ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,10 @@ gated activation, KV store) gives the models HF's logprobs, run here on CPU unde
 interpreter by forcing `use_triton`. The MoE experts and attention stay on their PyTorch
 paths; they have their own kernel tests. Three families cover every branch of the wiring:
 per-head q/k norm and renormalised routing (qwen3_moe), full-projection q/k norm on a
-row-strided q (olmoe), qkv bias and the dense MLP of the shared expert (qwen2_moe). Small
-prompts: the interpreter runs one Python loop per program."""
+row-strided q (olmoe), qkv bias and the dense MLP of the shared expert (qwen2_moe). The
+router runs both ways: GEMM + top-k in one launch for the small batches, and, where the
+fused-router threshold is lowered below the prefill's token count (olmoe), cuBLAS + top-k.
+Small prompts: the interpreter runs one Python loop per program."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import pytest
 import torch
 
 import sglora.kernels
+import sglora.kernels.router as router_kernels
+import sglora.layers.moe.router as router_layer
 from sglora.engine import Engine
 from tests.conftest import random_prompts
 from tests.models.test_models_match_hf import check_against_hf
@@ -31,9 +35,25 @@ def force_triton(monkeypatch):
     monkeypatch.setattr(sglora.kernels, "FORCE_TRITON", True)
 
 
+def count_calls(monkeypatch, module, name: str) -> list[int]:
+    calls = [0]
+    fn = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "qwen2_moe"])
-def test_kernel_path_matches_hf(family, tiny_path, force_triton):
+def test_kernel_path_matches_hf(family, tiny_path, force_triton, monkeypatch):
     path = tiny_path(family)
+    if family == "olmoe":  # the 45-token prefill takes the unfused router, decode the fused one
+        monkeypatch.setattr(router_layer, "FUSED_ROUTER_MAX_TOKENS", 8)
+    fused = count_calls(monkeypatch, router_kernels, "fused_router")
+    unfused = count_calls(monkeypatch, router_kernels, "topk_softmax")
     engine = Engine(model_path=str(path), device="cpu", chunked_prefill_size=64)
     prompts = random_prompts(engine.model_config.vocab_size, [5, 40], seed=3)
     results = engine.generate(
@@ -43,3 +63,4 @@ def test_kernel_path_matches_hf(family, tiny_path, force_triton):
         logprob_start_len=0,
     )
     check_against_hf(path, prompts, results)
+    assert fused[0] > 0 and (unfused[0] > 0) == (family == "olmoe")

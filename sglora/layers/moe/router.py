@@ -1,8 +1,10 @@
-"""Top-k expert selection from router logits (between the router linear and the experts).
+"""Top-k expert selection (between the router linear and the experts).
 
 Families differ only in two flags: whether the top-k weights are renormalised to sum to one,
 and whether they are rounded back to the activation dtype (Mixtral keeps them in float32).
-On CUDA one Triton kernel (`kernels/router.py`) does softmax, top-k and renormalisation.
+On CUDA one Triton kernel (`kernels/router.py`) does softmax, top-k and renormalisation; at
+decode-sized batches `route` also folds the router GEMM into that launch, since there the two
+launches cost more than the 0.5 MB of router weights they read.
 """
 
 from __future__ import annotations
@@ -13,6 +15,12 @@ import torch
 
 from sglora.kernels import use_triton
 from sglora.kernels.reference import topk_softmax_ref
+from sglora.layers.linear import LinearBase
+
+# Up to this many tokens `route` runs the fused router GEMM + top-k (one launch) instead of
+# cuBLAS + `topk_softmax` (two). A guess to be measured on an H200: the crossover of the
+# router_fused rows of scripts/bench_fused_ops.py (at most kernels.router.FUSED_MAX_TOKENS).
+FUSED_ROUTER_MAX_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -32,3 +40,17 @@ def select_experts(
 
         return topk_softmax(router_logits, cfg.top_k, cfg.renormalize, dtype)
     return topk_softmax_ref(router_logits, cfg.top_k, cfg.renormalize, dtype)
+
+
+def route(
+    x: torch.Tensor, gate: LinearBase, cfg: RoutingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] -> `select_experts(gate(x), cfg)`; the router weight is replicated, so this is
+    the same on every TP rank. A gate with a bias or a LoRA hook takes the unfused path."""
+    fusable = gate.bias is None and gate.lora is None and x.shape[0] <= FUSED_ROUTER_MAX_TOKENS
+    if fusable and use_triton(x):
+        from sglora.kernels.router import fused_router
+
+        dtype = x.dtype if cfg.weights_in_act_dtype else torch.float32
+        return fused_router(x, gate.weight, cfg.top_k, cfg.renormalize, dtype)
+    return select_experts(gate(x), cfg)
