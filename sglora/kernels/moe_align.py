@@ -139,31 +139,63 @@ def _align_one_program_kernel(
 
 
 @triton.jit
-def _align_count_kernel(
-    topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, P, top_k, E, cap,
-    HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+def _count(
+    topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, offs, P, top_k, E, cap,
+    HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     _fill(sorted_ids_ptr, block_group_ptr, offs, P, cap, BLOCK_M)
     g, ok = _groups(topk_ids_ptr, slots_ptr, offs, P, top_k, E, HAS_SLOTS)
     tl.atomic_add(counts_ptr + g, 1, mask=ok, sem="relaxed")
 
 
+# The multi-program kernels take two sets of outputs like the one-program kernel: grid axis 1
+# of size 2 runs the virtual-expert alignment of the same pairs in the same three launches.
+
+
 @triton.jit
-def _align_scan_kernel(counts_ptr, num_padded_ptr, G, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
-    _scan(counts_ptr, num_padded_ptr, G, BLOCK_M, CHUNK)
+def _align_count_kernel(
+    topk_ids_ptr, slots_ptr, P, top_k, E,
+    counts_ptr, sorted_ids_ptr, block_group_ptr, cap,
+    counts2_ptr, sorted_ids2_ptr, block_group2_ptr, cap2,
+    HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M2: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    if tl.program_id(1) == 0:
+        _count(topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, offs, P,
+               top_k, E, cap, HAS_SLOTS, BLOCK_M)  # fmt: skip
+    else:
+        _count(topk_ids_ptr, slots_ptr, counts2_ptr, sorted_ids2_ptr, block_group2_ptr, offs, P,
+               top_k, E, cap2, True, BLOCK_M2)  # fmt: skip
+
+
+@triton.jit
+def _align_scan_kernel(
+    counts_ptr, num_padded_ptr, G, counts2_ptr, num_padded2_ptr, G2,
+    BLOCK_M: tl.constexpr, BLOCK_M2: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    if tl.program_id(0) == 0:
+        _scan(counts_ptr, num_padded_ptr, G, BLOCK_M, CHUNK)
+    else:
+        _scan(counts2_ptr, num_padded2_ptr, G2, BLOCK_M2, CHUNK)
 
 
 @triton.jit
 def _align_scatter_kernel(
-    topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, P, top_k, E,
-    HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+    topk_ids_ptr, slots_ptr, P, top_k, E,
+    counts_ptr, sorted_ids_ptr, block_group_ptr, counts2_ptr, sorted_ids2_ptr, block_group2_ptr,
+    HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M2: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
-    _scatter(
-        topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, offs, P, top_k, E,
-        HAS_SLOTS, BLOCK_M,
-    )  # fmt: skip
+    if tl.program_id(1) == 0:
+        _scatter(
+            topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, offs, P, top_k,
+            E, HAS_SLOTS, BLOCK_M,
+        )  # fmt: skip
+    else:
+        _scatter(
+            topk_ids_ptr, slots_ptr, counts2_ptr, sorted_ids2_ptr, block_group2_ptr, offs, P,
+            top_k, E, True, BLOCK_M2,
+        )  # fmt: skip
 
 
 def align_capacity(num_pairs: int, num_groups: int, block_m: int) -> int:
@@ -199,18 +231,35 @@ def _check(topk_ids, num_experts, block_m, token_slots, num_slots) -> None:
             raise ValueError("num_slots must be >= 1 with token_slots")
 
 
-def _launch_multi(topk_ids, slots, out: MoEAlignment, num_experts: int, has_slots: bool):
+def _launch_multi(
+    topk_ids, slots, out: MoEAlignment, num_experts: int, has_slots: bool,
+    virt: MoEAlignment | None = None,
+) -> None:  # fmt: skip
+    """Zero-fill + count, scan, scatter: three launches for `out`, and with `virt` for the
+    virtual-expert alignment of the same pairs too (grid axis 1 of size 2)."""
     p, k = out.num_pairs, topk_ids.shape[1]
-    cap, bm = out.sorted_ids.shape[0], out.block_m
-    counts = torch.zeros(out.num_groups, dtype=torch.int32, device=topk_ids.device)
-    common = dict(HAS_SLOTS=has_slots, BLOCK_M=bm, CHUNK=_CHUNK)
-    _align_count_kernel[(triton.cdiv(max(cap, p), _CHUNK),)](
-        topk_ids, slots, counts, out.sorted_ids, out.block_group, p, k, num_experts, cap, **common
-    )
-    _align_scan_kernel[(1,)](counts, out.num_padded, out.num_groups, BLOCK_M=bm, CHUNK=_CHUNK)
-    _align_scatter_kernel[(triton.cdiv(p, _CHUNK),)](
-        topk_ids, slots, counts, out.sorted_ids, out.block_group, p, k, num_experts, **common
-    )
+    two = virt if virt is not None else out
+    g1 = out.num_groups
+    counts = torch.zeros(g1 + (two.num_groups if virt is not None else 0), dtype=torch.int32,
+                         device=topk_ids.device)  # fmt: skip
+    counts2 = counts[g1:] if virt is not None else counts
+    cols = 2 if virt is not None else 1
+    cap, cap2 = out.sorted_ids.shape[0], two.sorted_ids.shape[0]
+    common = dict(HAS_SLOTS=has_slots, BLOCK_M=out.block_m, BLOCK_M2=two.block_m, CHUNK=_CHUNK)
+    _align_count_kernel[(triton.cdiv(max(cap, cap2, p), _CHUNK), cols)](
+        topk_ids, slots, p, k, num_experts,
+        counts, out.sorted_ids, out.block_group, cap,
+        counts2, two.sorted_ids, two.block_group, cap2, **common,
+    )  # fmt: skip
+    _align_scan_kernel[(cols,)](
+        counts, out.num_padded, g1, counts2, two.num_padded, two.num_groups,
+        BLOCK_M=out.block_m, BLOCK_M2=two.block_m, CHUNK=_CHUNK,
+    )  # fmt: skip
+    _align_scatter_kernel[(triton.cdiv(p, _CHUNK), cols)](
+        topk_ids, slots, p, k, num_experts,
+        counts, out.sorted_ids, out.block_group, counts2, two.sorted_ids, two.block_group,
+        **common,
+    )  # fmt: skip
 
 
 def moe_align(
@@ -250,19 +299,17 @@ def moe_align_base_and_virtual(
     num_slots: int,
     block_m_virtual: int,
 ) -> tuple[MoEAlignment, MoEAlignment]:
-    """`moe_align` by expert and by virtual expert of the same pairs; for P up to
-    ONE_PROGRAM_MAX_PAIRS one launch of two programs, one per alignment."""
+    """`moe_align` by expert and by virtual expert of the same pairs, together: for P up to
+    ONE_PROGRAM_MAX_PAIRS one launch of two programs, beyond it the three launches of one."""
     _check(topk_ids, num_experts, block_m, token_slots, num_slots)
     _check(topk_ids, num_experts, block_m_virtual, None, 0)
     m, k = topk_ids.shape
     p = m * k
-    if p > ONE_PROGRAM_MAX_PAIRS:
-        return (
-            moe_align(topk_ids, num_experts, block_m),
-            moe_align(topk_ids, num_experts, block_m_virtual, token_slots, num_slots),
-        )
     base = _outputs(p, num_experts, block_m, topk_ids.device)
     virt = _outputs(p, num_experts * num_slots, block_m_virtual, topk_ids.device)
+    if p > ONE_PROGRAM_MAX_PAIRS:
+        _launch_multi(topk_ids, token_slots, base, num_experts, False, virt)
+        return base, virt
     counts = torch.empty(
         base.num_groups + virt.num_groups, dtype=torch.int32, device=topk_ids.device
     )
