@@ -62,7 +62,10 @@ def backends(chunk: int, slots: int) -> dict:
     from sglora.lora.backends import LORA_BACKENDS
 
     args = ServerArgs(model_path="-", max_lora_chunk_size=chunk, max_loras_per_batch=slots)
-    return {name: LORA_BACKENDS[name](args) for name in ("torch_native", "triton", "csgmv")}
+    out = {name: LORA_BACKENDS[name](args) for name in ("torch_native", "triton", "csgmv")}
+    out["csgmv_chunked"] = LORA_BACKENDS["csgmv"](args)  # no per-token kernels for small M
+    out["csgmv_chunked"].per_token_max_tokens = 0
+    return out
 
 
 def bench_case(layer: str, k: int, outs: tuple[int, ...], m: int, args, ceil) -> list[dict]:
