@@ -18,9 +18,10 @@ from sglora.kernels.reference import topk_softmax_ref
 from sglora.layers.linear import LinearBase
 
 # Up to this many tokens `route` runs the fused router GEMM + top-k (one launch) instead of
-# cuBLAS + `topk_softmax` (two). A guess to be measured on an H200: the crossover of the
-# router_fused rows of scripts/bench_fused_ops.py (at most kernels.router.FUSED_MAX_TOKENS).
-FUSED_ROUTER_MAX_TOKENS = 64
+# cuBLAS + `topk_softmax` (two). H200, E=128, H=2048, CUDA-graph replays (router_fused rows of
+# scripts/bench_fused_ops.py, 2026-11-26): 6.83 against 7.21 us at T=1, 7.58 against 7.59 at
+# T=8, 12.7 against 7.4 at T=16 (fewer programs per chunk of H, more partials to sum).
+FUSED_ROUTER_MAX_TOKENS = 8
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ lengths are host data already) and cuts each slot's run into chunks of at most
 chunk table, padded to `max_chunks(T, S)` entries so that the launch grid depends only on the
 token count and the slot count (CUDA graphs). Calls whose `slots` are not the batch's
 `token_slots` (lm_head rows, one expert's tokens), embeddings, and batches of at most
-`per_token_max_tokens` tokens take the per-token kernels of the `triton` backend: with a
-token or two per chunk the chunked expand pays for empty chunk rows and its split-K partials
-(H200, qkv_proj, 8 rank-16 slots, M=1: 12.4 µs against 9.2 µs per-token). `active` is ignored.
+`per_token_max_tokens` tokens take the per-token kernels of the `triton` backend: for a
+single token the chunked expand pays for empty chunk rows and its split-K partials (H200,
+qkv_proj, 8 rank-16 slots: 12.1 µs against 10.1 µs per-token). `active` is ignored.
 """
 
 from __future__ import annotations
@@ -73,8 +73,10 @@ def build_segments(
 
 @register_lora_backend("csgmv")
 class CSGMVLoRABackend(TritonLoRABackend):
-    # the per-token kernels up to this many tokens (per forward; fixed per CUDA graph size)
-    per_token_max_tokens = 8
+    # the per-token kernels up to this many tokens (per forward; fixed per CUDA graph size).
+    # H200, rank 16, 8 slots, in place, graph replays (qkv_proj / o_proj): per-token 10.1 / 9.9
+    # us against chunked 12.1 / 12.3 at T=1, even at T=2, chunked ahead from T=4 (12.3 vs 16.2)
+    per_token_max_tokens = 1
 
     def __init__(self, args=None) -> None:
         super().__init__(args)
