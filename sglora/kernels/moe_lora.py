@@ -161,6 +161,69 @@ def _expand_kernel(
     tl.store(d_ptrs, acc.to(d_ptr.dtype.element_ty), mask=ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _shrink_expand_kernel(
+    in_ptr, a_ptr, b_ptr, d_ptr, sorted_ids_ptr, block_group_ptr,
+    num_pairs, top_k, E, K, R, N_SUB,
+    stride_in, stride_as, stride_ae, stride_ar, stride_bs, stride_be, stride_bn, stride_dm,
+    SUBS: tl.constexpr, IN_PER_TOKEN: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Δ rows of one virtual-expert block in one program: s_i = v A[a, e][i·R : i·R+R]ᵀ over
+    the whole input dim, kept in registers, then Δ[:, i·N + n] = s_i B[a, e][i·N + n]ᵀ tile by
+    tile, for the SUBS (1 or 2) sub-projections. Each (adapter, expert) pair's A and B are
+    streamed once by one program: no fp32 partials, no second launch."""
+    pid_m = tl.program_id(0)
+    g = tl.load(block_group_ptr + pid_m)
+    if g < 0:  # past the used blocks
+        return
+    slot, e, rows, ok = _block(
+        sorted_ids_ptr, sorted_ids_ptr, g, pid_m, 0, num_pairs, top_k, E, True, BLOCK_M
+    )
+    if IN_PER_TOKEN:
+        in_rows = rows // top_k
+    else:
+        in_rows = rows
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = in_ptr + in_rows[:, None] * stride_in + offs_k[None, :]
+    a_ptrs = a_ptr + slot * stride_as + e * stride_ae + offs_r[None, :] * stride_ar
+    a_ptrs += offs_k[:, None]
+    s0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    s1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        v = tl.load(x_ptrs, mask=ok[:, None] & k_ok[None, :], other=0.0)
+        w_ok = k_ok[:, None] & r_ok[None, :]
+        s0 = tl.dot(v, tl.load(a_ptrs, mask=w_ok, other=0.0), s0, input_precision=DOT_PREC)
+        if SUBS == 2:
+            w1 = tl.load(a_ptrs + R * stride_ar, mask=w_ok, other=0.0)
+            s1 = tl.dot(v, w1, s1, input_precision=DOT_PREC)
+        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    dt = d_ptr.dtype.element_ty
+    s0_lo = s0.to(dt)  # the shrink rounded once, as a separate GEMM would round it
+    s1_lo = s1.to(dt)
+    offs_n = tl.arange(0, BLOCK_N)
+    b_ptrs = (
+        b_ptr + slot * stride_bs + e * stride_be + offs_r[:, None] + offs_n[None, :] * stride_bn
+    )
+    d_ptrs = d_ptr + rows[:, None] * stride_dm + offs_n[None, :]
+    for n0 in range(0, N_SUB, BLOCK_N):
+        n_ok = offs_n < N_SUB - n0
+        b_ok = r_ok[:, None] & n_ok[None, :]
+        d_ok = ok[:, None] & n_ok[None, :]
+        d = tl.dot(s0_lo, tl.load(b_ptrs, mask=b_ok, other=0.0), input_precision=DOT_PREC)
+        tl.store(d_ptrs, d.to(dt), mask=d_ok)
+        if SUBS == 2:
+            b1 = tl.load(b_ptrs + N_SUB * stride_bn, mask=b_ok, other=0.0)
+            d1 = tl.dot(s1_lo, b1, input_precision=DOT_PREC)
+            tl.store(d_ptrs + N_SUB, d1.to(dt), mask=d_ok)
+        b_ptrs += BLOCK_N * stride_bn
+        d_ptrs += BLOCK_N
+
+
 def _check_lora(what: str, w: ExpertLoRA, subs: int, in_dim: int, out_sub: int, ref, e: int):
     check_tensor(f"{what}.A", w.A, 4, (ref.dtype,), ref.device)
     check_tensor(f"{what}.B", w.B, 4, (ref.dtype,), ref.device)
@@ -243,6 +306,35 @@ def lora_expand(
     return delta
 
 
+def lora_shrink_expand(
+    inp: torch.Tensor,
+    w: ExpertLoRA,
+    align: MoEAlignment,
+    top_k: int,
+    num_experts: int,
+    in_per_token: bool,
+    cfg: LoRAConfig,
+) -> torch.Tensor:
+    """Δ [P, c·N] (inp's dtype) of every pair with an adapter over a virtual-expert `align`,
+    shrink and expand in one launch (other rows unwritten); inp as in `lora_shrink`."""
+    s, _, cr, k = w.A.shape
+    r = w.B.shape[-1]
+    subs = cr // r
+    n_sub = w.B.shape[2] // subs
+    p = align.num_pairs
+    delta = torch.empty(p, subs * n_sub, dtype=inp.dtype, device=inp.device)
+    _shrink_expand_kernel[(align.block_group.shape[0],)](
+        inp, w.A, w.B, delta, align.sorted_ids, align.block_group,
+        p, top_k, num_experts, k, r, n_sub,
+        inp.stride(0), w.A.stride(0), w.A.stride(1) if w.A.shape[1] > 1 else 0, w.A.stride(2),
+        w.B.stride(0), w.B.stride(1) if w.B.shape[1] > 1 else 0, w.B.stride(2), delta.stride(0),
+        SUBS=subs, IN_PER_TOKEN=in_per_token, DOT_PREC=dot_precision(inp.dtype),
+        BLOCK_M=align.block_m, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_K=cfg.block_k,
+        BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return delta
+
+
 def moe_lora_forward(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -286,8 +378,11 @@ def moe_lora_forward(
     def epilogue(inp, w, per_token):
         if w is None:
             return None
-        part = lora_shrink(inp, w.A, lora_align, k, e, token_slots, per_token, virtual, cfg.lora)
         few = num_active_adapters is not None and num_active_adapters <= EPILOGUE_MAX_ADAPTERS
+        if virtual and not (cfg.lora.expand_in_epilogue or few):
+            delta = lora_shrink_expand(inp, w, lora_align, k, e, per_token, cfg.lora)
+            return LoRAExpand(None, w.B, token_slots, delta)
+        part = lora_shrink(inp, w.A, lora_align, k, e, token_slots, per_token, virtual, cfg.lora)
         if cfg.lora.expand_in_epilogue or few:
             return LoRAExpand(part, w.B, token_slots)
         delta = lora_expand(part, w.B, lora_align, k, e, token_slots, virtual, cfg.lora, x.dtype)
