@@ -63,14 +63,14 @@ LORA_LARGE = [
     (16, 2, 128, False, 128, 4, 3), (32, 1, 128, False, 128, 4, 3),
     (16, 1, 256, False, 128, 4, 2), (16, 1, 128, True, 64, 4, 3),
 ]  # fmt: skip
-# Decode batches (M = 64..512 tokens, ~2 pairs per virtual expert): the shrink/expand read the
-# A/B of every (adapter, expert) hit and ran at ~68% of copy bandwidth with the list above
-# (bs 256 profile, docs/benchmarks.md), so --wide searches this grid as well.
+# Decode batches (M = 64..512 tokens, ~2 pairs per virtual expert): each (adapter, expert)
+# block is one program of the one-launch shrink+expand kernel, which streams A over its
+# BLOCK_K loop and B over its BLOCK_N loop (split_k does not apply), so --wide searches this
+# grid as well.
 LORA_WIDE = [
-    (16, split_k, block_k, False, block_n, warps, stages)
-    for split_k in (1, 2)
+    (16, 1, block_k, False, block_n, warps, stages)
     for block_k in (64, 128, 256)
-    for block_n in (128, 256, 512)
+    for block_n in (64, 128, 256)
     for warps in (2, 4, 8)
     for stages in (2, 3, 4)
 ]
