@@ -31,6 +31,7 @@ from sglora.distributed.parallel_state import (
     broadcast_pyobj,
     destroy_distributed,
     init_distributed,
+    share_cpu_threads,
 )
 from sglora.engine import load_tokenizer
 from sglora.lora.adapter import AdapterError
@@ -79,6 +80,7 @@ def run_scheduler_process(
     # then sends ShutdownReq, so dying here would turn a clean shutdown into a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    share_cpu_threads(args.tp_size // args.nnodes)
     try:
         loop = SchedulerLoop(args, port_args, rank, init_addr)
     except BaseException as e:  # noqa: BLE001 - reported to the launcher, which prints it

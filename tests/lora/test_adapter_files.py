@@ -1,6 +1,7 @@
 """Adapter files as untrusted input, without a server: path confinement (symlinks, '..'),
 regex patterns that could backtrack for minutes, hub downloads switched off, and a checkpoint
-whose tensors break the parser is an AdapterError, never another exception."""
+whose tensors break the parser is an AdapterError, never another exception. And an adapter read
+straight into the slots' dtype is its float32 form rounded once, whatever dtype its file holds."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sglora.engine import Engine
 from sglora.lora.adapter import AdapterError, load_adapter
 from sglora.lora.adapter_files import AdapterLimits, _check_pattern, confine
 from sglora.lora.registry import resolve_adapter_path
 from sglora.testing.adapters import tiny_adapter_paths
+from tests.lora.test_lora_matches_peft import MOE_KINDS
 
 
 def test_confine_resolves_before_deciding(tmp_path):
@@ -89,3 +91,24 @@ def test_limits_are_checked_before_the_weights_are_read(tmp_path, targets):
     with pytest.raises(AdapterError, match=f"rank {cfg['r']} exceeds --max-lora-rank 2"):
         load_adapter("a", d, targets, AdapterLimits(max_rank=2))
     assert load_adapter("a", d, targets, AdapterLimits(cfg["r"], size)).max_rank == cfg["r"]
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", [*MOE_KINDS, "compact_experts"])
+def test_adapter_read_in_slot_dtype_is_the_float32_adapter_rounded_once(
+    tmp_path, targets, kind, file_dtype
+):
+    src = tiny_adapter_paths("qwen3_moe", kind)[0]
+    d = tmp_path / "a"
+    shutil.copytree(src, d)
+    weights = d / "adapter_model.safetensors"
+    tensors = {k: t.to(file_dtype).contiguous() for k, t in load_file(str(weights)).items()}
+    save_file(tensors, str(weights))
+    ref = load_adapter("a", d, targets)  # float32: B scaled in float32
+    for dtype in (torch.bfloat16, torch.float16):
+        got = load_adapter("a", d, targets, dtype=dtype)
+        assert got.modules.keys() == ref.modules.keys()
+        for key, w in ref.modules.items():
+            for want, t in ((w.A, got.modules[key].A), (w.B, got.modules[key].B)):
+                assert t.dtype == dtype and t.is_contiguous(), key
+                assert torch.equal(t, want.to(dtype)), key  # bit for bit: no double rounding
