@@ -9,9 +9,11 @@ sub-projection i (gate_up: 0 gate, 1 up; down: 0), input row v_p (x[t] or h[p]):
 Scaling is folded into B; smaller ranks are zero-padded to R; with expert dim 1 (shared-outer
 A or B) every expert reads index 0 (expert stride 0). gate and up have their own A: the shrink
 reads the stacked [2R, H] A once and writes [P, 2R]. Δ is added before the activation (gate_up)
-and before the routing weight (down). The expand runs either as its own kernel writing Δ
-(`_expand_kernel`, large M) or inside the base kernels' epilogue (small M; fused_moe.py),
-per LoRAConfig.expand_in_epilogue.
+and before the routing weight (down). Per LoRAConfig.expand_in_epilogue (tuned per M) either
+the shrink writes s and the expand runs inside the base kernels' epilogue (small M;
+fused_moe.py), or Δ is written first: for virtual experts by `_shrink_expand_kernel` (shrink and
+expand of a block in one program, s in registers), for the per-slot grouping by `_shrink_kernel`
+then `_expand_kernel`.
 
 Two groupings (the `VIRTUAL` constexpr):
   virtual experts: blocks of a moe_align over G = S·E groups g = a·E + e, so every block has
@@ -128,17 +130,18 @@ def _expand_kernel(
     s_ptr, b_ptr, d_ptr, slots_ptr, sorted_ids_ptr, block_group_ptr,
     num_pairs, top_k, E, N_SUB, R, SPLIT_K,
     stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
-    VIRTUAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """Δ[p, i·N + n] = Σ_split s[split, p, i·R : i·R+R] B[a, e, i·N + n, :R]ᵀ; grid axis 1 runs
-    over (sub-projection i, N tile)."""
+    """Δ[p, i·N + n] = Σ_split s[split, p, i·R : i·R+R] B[a, e, i·N + n, :R]ᵀ over the base
+    alignment, grid axis 2 over the slots (per-slot grouping); axis 1 over (sub-projection i,
+    N tile)."""
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = tl.load(block_group_ptr + pid_m)
     if g < 0:  # past the used blocks
         return
     slot, e, rows, ok = _block(
-        sorted_ids_ptr, slots_ptr, g, pid_m, pid_s, num_pairs, top_k, E, VIRTUAL, BLOCK_M
+        sorted_ids_ptr, slots_ptr, g, pid_m, pid_s, num_pairs, top_k, E, False, BLOCK_M
     )
     if tl.max(ok.to(tl.int32), 0) == 0:
         return
@@ -281,26 +284,25 @@ def lora_expand(
     top_k: int,
     num_experts: int,
     token_slots: torch.Tensor,
-    virtual: bool,
     cfg: LoRAConfig,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Δ [P, c·N] (B's dtype) of every pair with an adapter, from the shrink partials `part`
-    [SPLIT_K, P, c·R] and B [S, E|1, c·N, R]; other rows are left unwritten."""
+    [SPLIT_K, P, c·R] over the base alignment `align` (per-slot grouping) and B [S, E|1, c·N, R];
+    other rows are left unwritten."""
     splits, p, cr = part.shape
     r = B.shape[-1]
     subs = cr // r
     n_sub = B.shape[2] // subs
     delta = torch.empty(p, subs * n_sub, dtype=dtype, device=part.device)
-    grid = (align.block_group.shape[0], subs * triton.cdiv(n_sub, cfg.block_n),
-            1 if virtual else B.shape[0])  # fmt: skip
+    grid = (align.block_group.shape[0], subs * triton.cdiv(n_sub, cfg.block_n), B.shape[0])
     _expand_kernel[grid](
         part, B, delta, token_slots, align.sorted_ids, align.block_group,
         p, top_k, num_experts, n_sub, r, splits,
         part.stride(0), part.stride(1), B.stride(0), B.stride(1) if B.shape[1] > 1 else 0,
         B.stride(2), delta.stride(0),
-        VIRTUAL=virtual, DOT_PREC=dot_precision(dtype), BLOCK_M=align.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_R=max(16, triton.next_power_of_2(r)),
+        DOT_PREC=dot_precision(dtype), BLOCK_M=align.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_R=max(16, triton.next_power_of_2(r)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return delta
@@ -385,7 +387,7 @@ def moe_lora_forward(
         part = lora_shrink(inp, w.A, lora_align, k, e, token_slots, per_token, virtual, cfg.lora)
         if cfg.lora.expand_in_epilogue or few:
             return LoRAExpand(part, w.B, token_slots)
-        delta = lora_expand(part, w.B, lora_align, k, e, token_slots, virtual, cfg.lora, x.dtype)
+        delta = lora_expand(part, w.B, lora_align, k, e, token_slots, cfg.lora, x.dtype)
         return LoRAExpand(None, w.B, token_slots, delta)
 
     h = moe_gate_up(x, w13, base, k, cfg.gate_up, activation, epilogue(x, gate_up, True))
