@@ -63,9 +63,12 @@ def topk_softmax_ref(
     logits: torch.Tensor, top_k: int, renormalize: bool, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of `topk_softmax`: [T, E] -> (weights [T, k] out_dtype, ids [T, k] int64), softmax
-    in float32, top-k in descending order, optionally renormalised to sum to one (float32)."""
+    in float32, top-k in descending order (ties: lower expert id first, as the kernels; a
+    stable sort, since torch.topk leaves the order of ties unspecified), optionally
+    renormalised to sum to one (float32)."""
     probs = torch.softmax(logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
+    weights, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
+    weights, ids = weights[:, :top_k].contiguous(), ids[:, :top_k].contiguous()
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights.to(out_dtype), ids
