@@ -88,17 +88,28 @@ def adapters():
     return [host_adapter(n, seed) for n, seed in (("warm", 1), ("a", 2), ("b", 3), ("c", 4))]
 
 
+def two_slot_pool() -> LoRASlotPool:
+    return LoRASlotPool(make_targets(**TARGETS), set(GROUPS), 2, RANK, DTYPE, torch.device("cuda"))
+
+
+def settled_read(pool: LoRASlotPool, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, what reading `slot` with x gives), with every queued load finished before and after."""
+    torch.cuda.synchronize()
+    x = torch.randn(pool.buffers[KEY].A.shape[-1], 256, device="cuda")
+    before = reads(pool, slot, x)
+    torch.cuda.synchronize()
+    return x, before
+
+
 def test_loads_queue_on_a_side_stream_without_a_host_wait(adapters):
     warm, a, b, c = adapters
-    pool = LoRASlotPool(make_targets(**TARGETS), set(GROUPS), 2, RANK, DTYPE, torch.device("cuda"))
+    pool = two_slot_pool()
     pool.load(1, warm)  # allocates (and page-locks) the staging image
     pool.load(0, a)
     torch.cuda.synchronize()
     assert pool._staging.image.is_pinned() and pool._staging.nbytes == pool.slot_nbytes()
     assert_image(slot_image(pool, 0), expected_image(a))
-    x = torch.randn(pool.buffers[KEY].A.shape[-1], 256, device="cuda")
-    before = reads(pool, 0, x)
-    torch.cuda.synchronize()
+    x, before = settled_read(pool, 0)
 
     # evict: overwrite slot 0 right after queueing work that reads it, behind a busy stream
     done = busy(BUSY_MS)
@@ -127,12 +138,9 @@ def test_loads_queue_on_a_side_stream_without_a_host_wait(adapters):
 
 def test_unload_zeroes_a_slot_after_the_work_that_reads_it(adapters):
     _, a, b, _ = adapters
-    pool = LoRASlotPool(make_targets(**TARGETS), set(GROUPS), 2, RANK, DTYPE, torch.device("cuda"))
+    pool = two_slot_pool()
     pool.load(0, a)
-    torch.cuda.synchronize()
-    x = torch.randn(pool.buffers[KEY].A.shape[-1], 256, device="cuda")
-    before = reads(pool, 0, x)
-    torch.cuda.synchronize()
+    x, before = settled_read(pool, 0)
 
     done = busy(BUSY_MS)
     out = reads(pool, 0, x)
