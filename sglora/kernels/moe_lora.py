@@ -377,15 +377,17 @@ def moe_lora_forward(
     else:
         base = lora_align = moe_align(topk_ids, e, cfg.block_m)
 
+    few = num_active_adapters is not None and num_active_adapters <= EPILOGUE_MAX_ADAPTERS
+    in_epilogue = cfg.lora.expand_in_epilogue or few
+
     def epilogue(inp, w, per_token):
         if w is None:
             return None
-        few = num_active_adapters is not None and num_active_adapters <= EPILOGUE_MAX_ADAPTERS
-        if virtual and not (cfg.lora.expand_in_epilogue or few):
+        if virtual and not in_epilogue:
             delta = lora_shrink_expand(inp, w, lora_align, k, e, per_token, cfg.lora)
             return LoRAExpand(None, w.B, token_slots, delta)
         part = lora_shrink(inp, w.A, lora_align, k, e, token_slots, per_token, virtual, cfg.lora)
-        if cfg.lora.expand_in_epilogue or few:
+        if in_epilogue:
             return LoRAExpand(part, w.B, token_slots)
         delta = lora_expand(part, w.B, lora_align, k, e, token_slots, cfg.lora, x.dtype)
         return LoRAExpand(None, w.B, token_slots, delta)

@@ -30,12 +30,15 @@ class RoutingConfig:
     renormalize: bool
     weights_in_act_dtype: bool = True
 
+    def weights_dtype(self, act_dtype: torch.dtype) -> torch.dtype:
+        return act_dtype if self.weights_in_act_dtype else torch.float32
+
 
 def select_experts(
     router_logits: torch.Tensor, cfg: RoutingConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, E] logits -> (weights [T, k], expert ids [T, k] int64), softmax in float32."""
-    dtype = router_logits.dtype if cfg.weights_in_act_dtype else torch.float32
+    dtype = cfg.weights_dtype(router_logits.dtype)
     if use_triton(router_logits):
         from sglora.kernels.router import topk_softmax
 
@@ -52,6 +55,6 @@ def route(
     if fusable and use_triton(x):
         from sglora.kernels.router import fused_router
 
-        dtype = x.dtype if cfg.weights_in_act_dtype else torch.float32
+        dtype = cfg.weights_dtype(x.dtype)
         return fused_router(x, gate.weight, cfg.top_k, cfg.renormalize, dtype)
     return select_experts(gate(x), cfg)
