@@ -8,9 +8,9 @@ Every LoRA-able base layer ("group") has one preallocated A and B buffer holding
 
 c is 3 for qkv, 2 for gate_up, else 1; E is present for routed experts. Column-parallel groups
 keep A whole and shard B by output; row-parallel groups shard A by input and keep B whole.
-A load packs the adapter into a zeroed host image of one slot and copies the image over the
-whole slot (on CUDA from page-locked memory on a side stream: lora/staging.py), so a smaller
-rank leaves no stale weights behind.
+A load writes every byte of a host image of one slot (the adapter, zeros around it) and copies
+the image over the whole slot (on CUDA from page-locked memory on a side stream:
+lora/staging.py), so a smaller rank leaves no stale weights behind.
 """
 
 from __future__ import annotations
