@@ -5,14 +5,17 @@ For each M: every BLOCK_M that suits the pairs per expert, with a grid of gate_u
 timed separately (CUDA-graph replays, median), the best BLOCK_M kept; then the MoE-LoRA shrink
 settings (virtual-expert block, split-K, K tile) timed on the whole LoRA layer with min(M, 8)
 adapters of rank 16. Kernels are compiled first by `--jobs` worker processes into Triton's
-on-disk cache, so the GPU time goes to timing.
+on-disk cache, so the GPU time goes to timing. `--tp N` tunes the per-rank shape of a server
+with `--tp-size N` (each rank holds I/N of every expert's intermediate and of its LoRA B/A).
 
   python scripts/tune_kernels.py --ms 1 8 32 128 256 512 2048
+  python scripts/tune_kernels.py --tp 4 --out /tmp/tp4.json   # merge into the table later
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import sys
@@ -97,9 +100,9 @@ def lora_cands(m: int, wide: bool = False) -> list[LoRAConfig]:
 class Problem:
     """One M at the benchmark shape: inputs, weights, LoRA pool and the base alignments."""
 
-    def __init__(self, m: int, w13, w2, pools):
+    def __init__(self, m: int, shape: dict, w13, w2, pools):
         self.m = m
-        e, h, i, k = (MOE_SHAPE[n] for n in ("E", "H", "I", "k"))
+        e, h, i, k = (shape[n] for n in ("E", "H", "I", "k"))
         self.x, self.tw, self.ti = moe_problem(m, e, h, i, k, seed=m)
         self.w13, self.w2, self.e, self.k = w13, w2, e, k
         n = min(m, 8)
@@ -129,8 +132,8 @@ class Problem:
         )
 
 
-def base_tasks(m: int) -> list[tuple]:
-    k, e = MOE_SHAPE["k"], MOE_SHAPE["E"]
+def base_tasks(m: int, shape: dict) -> list[tuple]:
+    k, e = shape["k"], shape["E"]
     return [
         (kind, m, bm, c)
         for bm in block_ms(m, k, e)
@@ -142,25 +145,29 @@ def base_tasks(m: int) -> list[tuple]:
 class _Pools(dict):
     """LoRA pools (8 slots, rank 16) with the first n slots filled, made on first use."""
 
+    def __init__(self, shape: dict):
+        super().__init__()
+        self.shape = shape
+
     def __missing__(self, n: int):
-        e, h, i = (MOE_SHAPE[k] for k in ("E", "H", "I"))
+        e, h, i = (self.shape[k] for k in ("E", "H", "I"))
         self[n] = lora_pool(8, e, h, i, 16, n)
         return self[n]
 
 
-def _shared():
-    e, h, i = (MOE_SHAPE[n] for n in ("E", "H", "I"))
+def _shared(shape: dict):
+    e, h, i = (shape[n] for n in ("E", "H", "I"))
     w13, w2 = moe_weights(e, h, i)
-    return w13, w2, _Pools()
+    return w13, w2, _Pools(shape)
 
 
-def _compile_worker(tasks: list[tuple]) -> int:
+def _compile_worker(tasks: list[tuple], shape: dict) -> int:
     """Run each task once so its kernels land in Triton's cache; returns failures."""
-    w13, w2, pools = _shared()
+    w13, w2, pools = _shared(shape)
     probs: dict[int, Problem] = {}
     bad = 0
     for kind, m, bm, c in tasks:
-        p = probs.setdefault(m, Problem(m, w13, w2, pools))
+        p = probs.setdefault(m, Problem(m, shape, w13, w2, pools))
         try:
             if kind == "lora":
                 p.lora(c)()
@@ -173,13 +180,13 @@ def _compile_worker(tasks: list[tuple]) -> int:
     return bad
 
 
-def precompile(tasks: list[tuple], jobs: int) -> None:
+def precompile(tasks: list[tuple], jobs: int, shape: dict) -> None:
     if jobs <= 1 or not tasks:
         return
     t0 = time.time()
     chunks = [tasks[i::jobs] for i in range(jobs)]
     with mp.get_context("spawn").Pool(jobs) as pool:
-        bad = sum(pool.map(_compile_worker, chunks))
+        bad = sum(pool.map(functools.partial(_compile_worker, shape=shape), chunks))
     print(f"precompiled {len(tasks)} variants in {time.time() - t0:.0f} s ({bad} rejected)")
 
 
@@ -191,18 +198,20 @@ def timed(fn) -> float:
         return float("inf")
 
 
-def tune(ms: list[int], jobs: int, base_from: dict | None = None, wide: bool = False) -> dict:
+def tune(
+    ms: list[int], jobs: int, shape: dict, base_from: dict | None = None, wide: bool = False
+) -> dict:
     """Tuned table {M: config}; with `base_from` (a table) only the LoRA settings are tuned."""
-    w13, w2, pools = _shared()
+    w13, w2, pools = _shared(shape)
     best_base: dict[int, tuple] = {}
     if base_from is not None:
         for m in ms:
             c = config_from_dict(base_from[str(m)])
             best_base[m] = (c.block_m, c.gate_up, c.down)
     else:
-        precompile([t for m in ms for t in base_tasks(m)], jobs)
+        precompile([t for m in ms for t in base_tasks(m, shape)], jobs, shape)
     for m in ms if base_from is None else []:
-        p = Problem(m, w13, w2, pools)
+        p = Problem(m, shape, w13, w2, pools)
         per_bm = {}
         for bm in block_ms(m, p.k, p.e):
             gu = min(gemm_cands("gate_up", bm), key=lambda c: timed(p.gate_up(bm, GemmConfig(*c))))
@@ -215,10 +224,10 @@ def tune(ms: list[int], jobs: int, base_from: dict | None = None, wide: bool = F
     lora_tasks = [
         ("lora", m, 0, MoEConfig(*best_base[m], lc)) for m in ms for lc in lora_cands(m, wide)
     ]
-    precompile(lora_tasks, jobs)
+    precompile(lora_tasks, jobs, shape)
     table = {}
     for m in ms:
-        p = Problem(m, w13, w2, pools)
+        p = Problem(m, shape, w13, w2, pools)
         cands = [MoEConfig(*best_base[m], lc) for lc in lora_cands(m, wide)]
         times = [timed(p.lora(c)) for c in cands]
         best = cands[min(range(len(cands)), key=times.__getitem__)]
@@ -239,12 +248,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--lora-only", action="store_true", help="keep the base configs of --out")
     ap.add_argument("--wide", action="store_true", help="also search LORA_WIDE for M > 32")
+    ap.add_argument("--tp", type=int, default=1, help="tune one rank's shard of the experts")
     args = ap.parse_args()
-    e, h, i, k = (MOE_SHAPE[n] for n in ("E", "H", "I", "k"))
+    if MOE_SHAPE["I"] % args.tp:
+        ap.error(f"--tp {args.tp} does not divide the intermediate size {MOE_SHAPE['I']}")
+    shape = {**MOE_SHAPE, "I": MOE_SHAPE["I"] // args.tp}
+    e, h, i, k = (shape[n] for n in ("E", "H", "I", "k"))
     out = args.out or CONFIG_DIR / f"moe_{device_name()}.json"
     data = json.loads(out.read_text()) if out.exists() else {}
     key = shape_key(e, h, i, k, torch.bfloat16)
-    table = tune(args.ms, args.jobs, data[key] if args.lora_only else None, args.wide)
+    table = tune(args.ms, args.jobs, shape, data[key] if args.lora_only else None, args.wide)
     data[key] = {**data.get(key, {}), **table}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
