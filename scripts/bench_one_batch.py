@@ -159,7 +159,11 @@ def time_to_first_tokens(s, rids: set[str], device: torch.device) -> float:
     t0 = time.perf_counter()
     waiting = set(rids)
     while waiting:
-        waiting -= {o.rid for o in s.step() if o.new_token_ids}
+        for o in s.step():
+            if o.finished and not o.new_token_ids and o.rid in waiting:
+                raise RuntimeError(f"request {o.rid} ended without a token: {o.finish_reason}")
+            if o.new_token_ids:
+                waiting.discard(o.rid)
     return time.perf_counter() - t0
 
 
@@ -327,8 +331,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         "copy_gbps": bw / 1e9,
     }
     extra = dict(kv.split("=", 1) for kv in args.extra)
-    # prompt + decode steps launched by the end of the window (+ profiled steps, warm-up)
-    max_tokens = max(args.batch_sizes) * (args.input_len + args.decode_steps + 16)
+    # prompt + decode steps launched by the end of the window (+ profiled steps, warm-up); and
+    # the scheduler admits only a request whose prompt and max_new_tokens fit the cache
+    max_tokens = max(
+        max(args.batch_sizes) * (args.input_len + args.decode_steps + 16),
+        args.input_len + args.output_len,
+    )
     common = dict(
         model_path=args.model,
         tokenizer_path=str(tiny_model_path("qwen3_moe")),

@@ -105,3 +105,26 @@ def test_timed_windows_hold_what_they_say(bench, overlap):
     # a step in flight at both ends of the window with overlap, none without
     assert (s.in_flight is not None) == overlap
     assert all(len(r.output_ids) == 1 + 8 for r in reqs)
+
+
+def test_one_long_prompt_fits_the_cache_it_sizes(bench, tmp_path):
+    """At batch 1 the prompt plus output_len is more than the decode window needs: the KV cache
+    still holds a whole request (the scheduler refuses a request that could never fit)."""
+    rows = bench.main(
+        [
+            "--model", str(tiny_model_path("qwen3_moe")), "--device", "cpu",
+            "--batch-sizes", "1", "--input-len", "40", "--output-len", "200",
+            "--decode-steps", "2", "--modes", "lora_disabled",
+            "--adapter-dir", str(tmp_path / "adapters"), "--out", str(tmp_path / "rows.json"),
+        ]
+    )  # fmt: skip
+    assert [r["input_len"] for r in rows] == [40] and rows[0]["ttft_ms"] > 0
+
+
+def test_a_refused_request_fails_the_wait_for_first_tokens(bench):
+    engine = Engine(model_path=str(tiny_model_path("qwen3_moe")), device="cpu")
+    s = engine.scheduler
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=0.0)
+    s.add_request(TokenizedGenerateReq("r0", [3, 4, 5], sp, lora_name="missing"))
+    with pytest.raises(RuntimeError, match="r0 ended without a token"):
+        bench.time_to_first_tokens(s, {"r0"}, torch.device("cpu"))
