@@ -6,8 +6,11 @@ all-reduce of the row-parallel outputs in fp32 instead of bf16 (TP2 against TP1 
 
     torchrun --nproc-per-node 2 scripts/bench_collectives.py [--out rows.json]
 
-Rows (rank 0 prints and writes): `op, shape, dtype, bytes, us, device, world_size, date`; `us`
-is the median over replays of one graph holding `--repeat` calls, divided by `--repeat`.
+Rows (rank 0 prints and writes): `op, impl, shape, dtype, bytes, us, device, world_size, date`;
+`us` is the median over replays of one graph holding `--repeat` calls, divided by `--repeat`.
+On CUDA each all-reduce that fits the one-shot symmetric-memory all-reduce
+(sglora/distributed/symm_mem_all_reduce.py) is timed both ways, side by side: `impl` nccl
+(gloo on CPU) and one_shot; its size limit per world size should come from these rows.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def timed_us(fn, device: torch.device, repeat: int, replays: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256, 512])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256, 512, 1024])
     ap.add_argument("--repeat", type=int, default=20, help="calls per graph")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None)
@@ -87,22 +90,25 @@ def main() -> None:
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    ps.init_distributed(rank, world, "env://", device, timeout_s=300)
+    ps.init_distributed(rank, world, "env://", device, timeout_s=300, custom_all_reduce=True)
+    one_shot = ps.custom_all_reduce()
     rows = []
     for op, shape, dtype in cases(args.batch_sizes):
         x = torch.randn(shape, dtype=dtype, device=device)
-        fn = (
-            (lambda x=x: ps.tp_all_reduce(x))
-            if op == "all_reduce"
-            else (lambda x=x: ps.tp_all_gather(x, dim=-1))
-        )
-        us = timed_us(fn, device, args.repeat, args.replays)
-        nbytes = x.numel() * x.element_size()
-        rows.append(dict(op=op, shape=list(shape), dtype=str(dtype).removeprefix("torch."),
-                         bytes=nbytes, us=round(us, 2)))  # fmt: skip
-        if rank == 0:
-            print(f"{op:10} {str(list(shape)):14} {rows[-1]['dtype']:8} {nbytes / 1e3:9.1f} KB "
-                  f"{us:8.2f} us", flush=True)  # fmt: skip
+        backend = torch.distributed.get_backend() if world > 1 else "none"
+        impls = {backend: lambda x=x: torch.distributed.all_reduce(x)}
+        if op == "all_gather":
+            impls = {backend: lambda x=x: ps.tp_all_gather(x, dim=-1)}
+        elif one_shot is not None and one_shot.fits(x):
+            impls["one_shot"] = lambda x=x: one_shot(x)
+        for impl, fn in impls.items():
+            us = timed_us(fn, device, args.repeat, args.replays)
+            nbytes = x.numel() * x.element_size()
+            rows.append(dict(op=op, impl=impl, shape=list(shape), bytes=nbytes, us=round(us, 2),
+                             dtype=str(dtype).removeprefix("torch.")))  # fmt: skip
+            if rank == 0:
+                print(f"{op:10} {impl:8} {str(list(shape)):14} {rows[-1]['dtype']:8} "
+                      f"{nbytes / 1e3:9.1f} KB {us:8.2f} us", flush=True)  # fmt: skip
     if rank == 0 and args.out:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         stamp = dict(device=name, world_size=world, date=datetime.date.today().isoformat())

@@ -156,6 +156,11 @@ class ServerArgs:
     dist_timeout: int = _arg(
         600, "Seconds a collective may wait for a rank before the group fails."
     )
+    disable_custom_all_reduce: bool = _arg(
+        False,
+        "Reduce every TP all-reduce with NCCL, instead of the one-shot all-reduce through "
+        "peers' memory that small (decode-size) tensors take on a one-node CUDA group.",
+    )
 
     # LoRA
     enable_lora: bool = _arg(False, "Serve LoRA adapters (implied by --lora-paths).")

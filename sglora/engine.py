@@ -54,7 +54,15 @@ class Engine:
             )
         rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         device = resolve_device(self.args.device, local)
-        init_distributed(rank, n, "env://", device, self.args.dist_timeout)
+        one_node = int(os.environ.get("LOCAL_WORLD_SIZE", n)) == n
+        init_distributed(
+            rank,
+            n,
+            "env://",
+            device,
+            self.args.dist_timeout,
+            custom_all_reduce=one_node and not self.args.disable_custom_all_reduce,
+        )
         return local
 
     def generate(

@@ -23,14 +23,21 @@ _TP_GROUP: dist.ProcessGroup | None = None
 _CPU_GROUP: dist.ProcessGroup | None = None
 _TP_RANK = 0
 _TP_SIZE = 1
+_CUSTOM_AR: Any = None  # SymmMemAllReduce on a one-node CUDA group, else None
 
 
 def init_distributed(
-    rank: int, world_size: int, init_addr: str, device: torch.device, timeout_s: int
+    rank: int,
+    world_size: int,
+    init_addr: str,
+    device: torch.device,
+    timeout_s: int,
+    custom_all_reduce: bool = False,
 ) -> None:
     """Join the TP group (all ranks call this with the same address and size). `init_addr`:
-    HOST:PORT of the rendezvous, or "env://" under torchrun."""
-    global _CPU_GROUP
+    HOST:PORT of the rendezvous, or "env://" under torchrun. `custom_all_reduce` (CUDA, all
+    ranks on one node): small all-reduces go through peers' memory (symm_mem_all_reduce.py)."""
+    global _CPU_GROUP, _CUSTOM_AR
     if world_size == 1:
         return
     if dist.is_initialized():  # a second engine in the same SPMD program reuses the group
@@ -49,6 +56,10 @@ def init_distributed(
     _CPU_GROUP = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     init_tp_group(rank, world_size, dist.group.WORLD)
     logger.info("rank %d/%d joined the TP group (%s) at %s", rank, world_size, backend, init_addr)
+    if custom_all_reduce and backend == "nccl":
+        from sglora.distributed.symm_mem_all_reduce import make_symm_mem_all_reduce
+
+        _CUSTOM_AR = make_symm_mem_all_reduce(dist.group.WORLD, device, world_size, all_ranks_ok)
 
 
 def share_cpu_threads(local_ranks: int) -> int:
@@ -71,7 +82,8 @@ def share_cpu_threads(local_ranks: int) -> int:
 
 
 def destroy_distributed() -> None:
-    global _CPU_GROUP
+    global _CPU_GROUP, _CUSTOM_AR
+    _CUSTOM_AR = None
     if dist.is_initialized():
         dist.destroy_process_group()
     _CPU_GROUP = None
@@ -124,10 +136,17 @@ def get_tp_size() -> int:
     return _TP_SIZE
 
 
+def custom_all_reduce() -> Any:
+    """The one-shot all-reduce `tp_all_reduce` uses where it fits, or None."""
+    return _CUSTOM_AR
+
+
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum over TP ranks, in place where the backend allows it."""
+    """Sum over TP ranks: the returned tensor (`x` itself, summed in place, or a new one)."""
     if _TP_SIZE == 1:
         return x
+    if _CUSTOM_AR is not None and _CUSTOM_AR.fits(x):
+        return _CUSTOM_AR(x)
     dist.all_reduce(x, group=_TP_GROUP)
     return x
 

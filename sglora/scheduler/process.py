@@ -112,7 +112,14 @@ class SchedulerLoop:
     ):
         self.args, self.rank = args, rank
         device = resolve_device(args.device, local_rank=rank % (args.tp_size // args.nnodes))
-        init_distributed(rank, args.tp_size, init_addr or "", device, args.dist_timeout)
+        init_distributed(
+            rank,
+            args.tp_size,
+            init_addr or "",
+            device,
+            args.dist_timeout,
+            custom_all_reduce=not args.disable_custom_all_reduce and args.nnodes == 1,
+        )
         self.model_config = ModelConfig.load(
             args.model_path, args.dtype, device.type, args.context_length
         )
