@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_adapters import adapter_config, adapter_tensors  # noqa: E402
 
+from sglora.config import ServerArgs  # noqa: E402
 from sglora.engine import Engine  # noqa: E402
 from sglora.messages import SamplingParams, TokenizedGenerateReq  # noqa: E402
 from sglora.testing.tiny import tiny_model_path  # noqa: E402
@@ -295,7 +296,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         action="store_true",
         help="measure every batch size with overlap scheduling on and off, on the same engine",
     )
-    ap.add_argument("--extra", nargs="*", default=[], help="more ServerArgs as key=value")
+    ap.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        help="more server settings as key=value, typed as on the CLI (true/false, 8, a,b)",
+    )
     args = ap.parse_args(argv)
     # tokens a request may decode before the end of the timed window (see run_batch)
     if args.output_len < args.decode_steps + 12:
@@ -330,7 +336,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "tp": args.tp,
         "copy_gbps": bw / 1e9,
     }
-    extra = dict(kv.split("=", 1) for kv in args.extra)
+    extra = ServerArgs.typed(dict(kv.split("=", 1) for kv in args.extra))
     # prompt + decode steps launched by the end of the window (+ profiled steps, warm-up); and
     # the scheduler admits only a request whose prompt and max_new_tokens fit the cache
     max_tokens = max(

@@ -347,6 +347,33 @@ class ServerArgs:
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items()}
         return cls(**values)
 
+    @classmethod
+    def typed(cls, pairs: dict[str, str]) -> dict[str, Any]:
+        """Settings given as text (a script's KEY=VALUE pairs) typed and checked as the CLI
+        types them: 'false' is False, '8' is 8, 'a,b' a tuple; an unknown key is an error."""
+        hints = typing.get_type_hints(cls)
+        argv = []
+        for key, raw in pairs.items():
+            if key not in hints:
+                raise ConfigError(f"{key}: no such server setting")
+            base, _ = _unwrap_optional(hints[key])
+            if base is bool:
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+                on = raw.lower() in ("true", "1")
+                argv.append(flag_name(key) if on else "--no-" + flag_name(key)[2:])
+            elif typing.get_origin(base) is tuple:
+                argv += [flag_name(key), *raw.split(",")]
+            else:
+                argv += [flag_name(key), raw]
+        parser = argparse.ArgumentParser(prog="ServerArgs.typed", exit_on_error=False)
+        cls.add_cli_args(parser)
+        try:
+            ns = vars(parser.parse_args(argv))
+        except (argparse.ArgumentError, SystemExit) as exc:
+            raise ConfigError(f"{' '.join(argv)}: {exc}") from None
+        return {k: tuple(ns[k]) if isinstance(ns[k], list) else ns[k] for k in pairs}
+
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)
 

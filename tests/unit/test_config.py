@@ -153,3 +153,27 @@ def test_missing_weights_are_named(tiny_path, tmp_path):
     (dst / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="safetensors"):
         Engine(model_path=str(dst), device="cpu")
+
+
+def test_settings_given_as_text_are_typed_like_the_cli():
+    got = ServerArgs.typed(
+        {
+            "disable_custom_all_reduce": "false",
+            "disable_cuda_graph": "true",
+            "max_loras_per_batch": "4",
+            "cuda_graph_bs": "1,2,4",
+            "mem_fraction_static": "0.5",
+        }
+    )
+    assert got == {
+        "disable_custom_all_reduce": False,  # not the truthy string "false"
+        "disable_cuda_graph": True,
+        "max_loras_per_batch": 4,
+        "cuda_graph_bs": (1, 2, 4),
+        "mem_fraction_static": 0.5,
+    }
+    for bad in ({"no_such": "1"}, {"max_loras_per_batch": "x"}, {"disable_cuda_graph": "on?"}):
+        with pytest.raises(ConfigError):
+            ServerArgs.typed(bad)
+    with pytest.raises(ConfigError, match="invalid choice"):
+        ServerArgs.typed({"attention_backend": "zzz"})
