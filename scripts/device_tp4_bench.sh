@@ -17,7 +17,8 @@
 #   STEPS="check tp tp2" TP=4 BS="1 64 128 256 512" scripts/device_tp4_bench.sh
 #   STEPS="tune tp1 tp2 tp" scripts/device_tp4_bench.sh
 # Each step but serving (bounded by its BUDGET_S) is killed after STEP_TIMEOUT s (default 540),
-# so one hung step cannot hold the machine for the others.
+# so one hung step cannot hold the machine for the others. BENCH_ARGS go to every
+# bench_one_batch.py run, e.g. "--extra disable_custom_all_reduce=true".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -64,14 +65,14 @@ PY
     tp1)
         # shellcheck disable=SC2086
         CUDA_VISIBLE_DEVICES=0 $T python scripts/bench_one_batch.py --batch-sizes ${BS2:-1 64 256} \
-            --decode-steps "${STEPS_PER_BS:-8}" --input-len 1024 2>&1 |
+            --decode-steps "${STEPS_PER_BS:-8}" --input-len 1024 ${BENCH_ARGS:-} 2>&1 |
             grep -v "Loading\|warn" | tee "$OUT/bench_tp1.log"
         ;;
     tp | tp2)
         n=$TP && [ "$step" = tp2 ] && n=2 && bs=${BS2:-1 64 256} || bs=$BS
         # shellcheck disable=SC2086
         $T torchrun --nproc-per-node "$n" scripts/bench_one_batch.py --tp "$n" --batch-sizes $bs \
-            --decode-steps "${STEPS_PER_BS:-8}" --input-len 1024 2>&1 |
+            --decode-steps "${STEPS_PER_BS:-8}" --input-len 1024 ${BENCH_ARGS:-} 2>&1 |
             grep -v "Loading\|warn" | tee "$OUT/bench_tp$n.log"
         cp benchmarks/results/decode_*.json "$OUT/"
         ;;
