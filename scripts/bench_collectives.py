@@ -96,11 +96,12 @@ def main() -> None:
     for op, shape, dtype in cases(args.batch_sizes):
         x = torch.randn(shape, dtype=dtype, device=device)
         backend = torch.distributed.get_backend() if world > 1 else "none"
-        impls = {backend: lambda x=x: torch.distributed.all_reduce(x)}
         if op == "all_gather":
             impls = {backend: lambda x=x: ps.tp_all_gather(x, dim=-1)}
-        elif one_shot is not None and one_shot.fits(x):
-            impls["one_shot"] = lambda x=x: one_shot(x)
+        else:
+            impls = {backend: lambda x=x: torch.distributed.all_reduce(x)}
+            if one_shot is not None and one_shot.fits(x):
+                impls["one_shot"] = lambda x=x: one_shot(x)
         for impl, fn in impls.items():
             us = timed_us(fn, device, args.repeat, args.replays)
             nbytes = x.numel() * x.element_size()

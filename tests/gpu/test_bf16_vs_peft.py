@@ -52,10 +52,12 @@ def test_bf16_mixed_batch_matches_peft(family, lora_backend):
     scores, tied, total = [], 0, 0
     for prompt, kind, res in zip(prompts, order, results):
         full = prompt + res["output_ids"]
-        keep = ~routing_ties(refs[kind, torch.float32], full)
-        tied, total = tied + int((~keep).sum()), total + keep.numel()
+        ties = torch.zeros(len(full) - 1, dtype=torch.bool)
+        want32 = reference_logprobs(refs[kind, torch.float32], full, ties)
+        keep = ~ties
+        tied, total = tied + int(ties.sum()), total + keep.numel()
         got = all_logprobs(res)[keep]
-        want32 = reference_logprobs(refs[kind, torch.float32], full)[keep]
+        want32 = want32[keep]
         want16 = reference_logprobs(refs[kind, torch.bfloat16], full)[keep]
         # HF bf16 against HF fp32: the noise bf16 itself brings, reported beside ours
         scores.append(
@@ -77,28 +79,30 @@ def routing_ties(model, full: list[int]) -> torch.Tensor:
     """[len(full) - 1] bool: positions whose top-k expert choice, at some MoE layer of `model`
     (HF, fp32), is within TIE_STEPS bf16 steps of a tie. All False for dense models."""
     tied = torch.zeros(len(full) - 1, dtype=torch.bool)
+    reference_logprobs(model, full, tied)
+    return tied
+
+
+def reference_logprobs(model, full: list[int], ties: torch.Tensor | None = None) -> torch.Tensor:
+    """Teacher-forced logprob of each next token of `full`; with `ties` (the same forward)
+    also marks in it the positions `routing_ties` describes."""
 
     def boundary(module, _inputs, out):
         logits = out[0].float().reshape(len(full), -1)
         top = logits.topk(module.top_k + 1, dim=-1).values
         edge = top[:, -2:]  # the k-th and (k+1)-th largest
         step = torch.exp2(torch.floor(torch.log2(edge.abs().amax(-1).clamp_min(1e-30))) - 7)
-        tied.logical_or_((edge[:, 0] - edge[:, 1] < TIE_STEPS * step).cpu()[:-1])
+        ties.logical_or_((edge[:, 0] - edge[:, 1] < TIE_STEPS * step).cpu()[:-1])
 
     routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
-    hooks = [m.register_forward_hook(boundary) for m in routers]
+    hooks = [m.register_forward_hook(boundary) for m in routers] if ties is not None else []
     try:
         with torch.no_grad():
-            model(torch.tensor([full], device=next(model.parameters()).device))
+            ids = torch.tensor([full], device=next(model.parameters()).device)
+            logits = model(ids).logits[0].float()
     finally:
         for h in hooks:
             h.remove()
-    return tied
-
-
-def reference_logprobs(model, full: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(torch.tensor([full], device="cuda")).logits[0].float()
     ref = torch.log_softmax(logits, dim=-1).cpu()
     return ref[torch.arange(len(full) - 1), torch.tensor(full[1:])]
 
