@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: CUDA-graph tests (tiny model), then the end-to-end decode benchmark of
-# Qwen3-30B-A3B with dummy weights at TP1 in three modes. Results under $OUT and
-# benchmarks/results/decode_<device>.json (copied to $OUT).
+# Qwen3-30B-A3B with dummy weights at TP1 in three modes. Results under $OUT (new rows in
+# $OUT/decode_rows.json: scripts/append_rows.py adds them to benchmarks/results/).
 #   BS="1 64 256" STEPS=8 scripts/device_e2e.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,5 +15,5 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     || echo "GPU TESTS FAILED (benchmark runs anyway)"
 fi
 python scripts/bench_one_batch.py --batch-sizes ${BS:-1 64 256} --decode-steps "${STEPS:-8}" \
-  --input-len "${INPUT_LEN:-1024}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_one_batch.log"
-cp benchmarks/results/decode_*.json "$OUT/" 2>/dev/null || true
+  --input-len "${INPUT_LEN:-1024}" --out "$OUT/decode_rows.json" ${BENCH_ARGS:-} 2>&1 |
+  tee "$OUT/bench_one_batch.log"

@@ -61,9 +61,12 @@ stop_server() {
     [ -n "$SERVER_PID" ] || return 0
     kill -TERM "$SERVER_PID" 2>/dev/null # a graceful drain, but bounded
     for _ in $(seq 20); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 1; done
-    if kill -KILL "$SERVER_PID" 2>/dev/null; then
-        sleep 5 # its scheduler exits within a second of it, and frees the GPU
-    fi
+    kill -KILL "$SERVER_PID" 2>/dev/null
     wait "$SERVER_PID" 2>/dev/null
+    # its ranks exit once it is gone (scheduler/process.py); the next step needs their GPUs
+    for _ in $(seq 60); do
+        [ -z "$(nvidia-smi --query-compute-apps=pid --format=csv,noheader)" ] && break
+        sleep 1
+    done
     SERVER_PID=
 }

@@ -2,8 +2,8 @@
 # On a multi-GPU machine: tensor parallelism on the GPU, everything copied to $OUT.
 #   1. TP2 vs TP1 bf16 logprobs of mixed-adapter batches (scripts/tp_logprob_check.py)
 #   2. the decode benchmark at TP=$TP (default 4) and TP2: Qwen3-30B-A3B dummy, bf16, modes
-#      lora_disabled / nolora_batch / lora_8x_r16, input 1024; rows with a `tp` key appended to
-#      benchmarks/results/decode_<device>.json
+#      lora_disabled / nolora_batch / lora_8x_r16, input 1024; rows with a `tp` key in
+#      $OUT/decode_rows.json (scripts/append_rows.py adds them to benchmarks/results/)
 #   3. serving: the serving benchmark's scenario (b) (8 adapters, uniform) at TP=$TP
 #      (needs `.whl` carried, see scripts/prepare_device_wheels.sh)
 #   tune: the fused-MoE configs of one rank's expert shard at each TP in $TUNE_TPS (default
@@ -65,16 +65,15 @@ PY
     tp1)
         # shellcheck disable=SC2086
         CUDA_VISIBLE_DEVICES=0 $T python scripts/bench_one_batch.py --batch-sizes ${BS2:-1 64 256} \
-            --decode-steps "${STEPS_PER_BS:-8}" --input-len 1024 ${BENCH_ARGS:-} 2>&1 |
-            grep -v "Loading\|warn" | tee "$OUT/bench_tp1.log"
+            --decode-steps "${STEPS_PER_BS:-8}" --input-len 1024 --out "$OUT/decode_rows.json" \
+            ${BENCH_ARGS:-} 2>&1 | grep -v "Loading\|warn" | tee "$OUT/bench_tp1.log"
         ;;
     tp | tp2)
         n=$TP && [ "$step" = tp2 ] && n=2 && bs=${BS2:-1 64 256} || bs=$BS
         # shellcheck disable=SC2086
         $T torchrun --nproc-per-node "$n" scripts/bench_one_batch.py --tp "$n" --batch-sizes $bs \
-            --decode-steps "${STEPS_PER_BS:-8}" --input-len 1024 ${BENCH_ARGS:-} 2>&1 |
-            grep -v "Loading\|warn" | tee "$OUT/bench_tp$n.log"
-        cp benchmarks/results/decode_*.json "$OUT/"
+            --decode-steps "${STEPS_PER_BS:-8}" --input-len 1024 --out "$OUT/decode_rows.json" \
+            ${BENCH_ARGS:-} 2>&1 | grep -v "Loading\|warn" | tee "$OUT/bench_tp$n.log"
         ;;
     collectives)
         for n in $(printf "%s\n" 2 "$TP" | sort -un); do

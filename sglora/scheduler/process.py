@@ -18,9 +18,9 @@ import multiprocessing
 import os
 import signal
 import sys
-import time
+import threading
 import uuid
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import zmq
@@ -60,7 +60,6 @@ from sglora.scheduler.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 500  # longest block on an empty socket
-PARENT_CHECK_S = 1.0  # how often the scheduler checks that the api server is still alive
 
 
 def run_scheduler_process(
@@ -80,6 +79,7 @@ def run_scheduler_process(
     # then sends ShutdownReq, so dying here would turn a clean shutdown into a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_with_parent()
     share_cpu_threads(args.tp_size // args.nnodes)
     try:
         loop = SchedulerLoop(args, port_args, rank, init_addr)
@@ -100,6 +100,24 @@ def run_scheduler_process(
         logger.exception("scheduler crashed")
         sys.exit(1)
     logger.info("scheduler exits")
+
+
+def exit_with_parent() -> None:
+    """End this process as soon as its parent (the api server, or a worker node's launcher) is
+    gone, from a daemon thread: under TP the other ranks may sit in a collective with a rank
+    that already left, or still be loading the model, and no loop iteration would notice. The
+    driver frees the GPU memory when the process ends."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        logger.error("the api server process is gone; exiting")
+        logging.shutdown()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 class SchedulerLoop:
@@ -126,7 +144,6 @@ class SchedulerLoop:
         tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
         self.runner = ModelRunner(args, self.model_config, device)
         self.scheduler = Scheduler(args, self.runner, tokenizer)
-        self.parent = multiprocessing.parent_process()
         self.unload_waiters: dict[str, list[str]] = {}  # adapter -> req_ids of UnloadLoRAReqs
         self.ctx = None
         if rank != 0:
@@ -176,18 +193,12 @@ class SchedulerLoop:
         return broadcast_pyobj(msgs)
 
     def run(self) -> None:
-        next_parent_check = 0.0
         while True:
             for msg in self.receive():
                 if isinstance(msg, ShutdownReq):
                     self.close()
                     return
                 self.handle_one(msg)
-            if time.monotonic() >= next_parent_check:
-                next_parent_check = time.monotonic() + PARENT_CHECK_S
-                if self.parent is not None and not self.parent.is_alive():
-                    logger.error("the api server process is gone; exiting")
-                    return
             if self.scheduler.has_work():
                 outputs = self.scheduler.step()
                 if outputs:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.server.conftest import free_port
+from sglora.distributed.parallel_state import free_local_addr
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs"
@@ -20,7 +20,7 @@ WORLD = 2
 SHAPES = [(1, 2048), (8, 2048), (256, 2048), (512, 2048), (1, 6)]
 
 
-def _rank_main(rank: int, port: int, errors) -> None:
+def _rank_main(rank: int, addr: str, errors) -> None:
     import torch.distributed as dist
 
     from sglora.distributed import parallel_state as ps
@@ -28,7 +28,7 @@ def _rank_main(rank: int, port: int, errors) -> None:
     try:
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
-        ps.init_distributed(rank, WORLD, f"127.0.0.1:{port}", device, 120, custom_all_reduce=True)
+        ps.init_distributed(rank, WORLD, addr, device, 120, custom_all_reduce=True)
         ar = ps.custom_all_reduce()
         assert ar is not None, "the custom all-reduce did not come up on 2 local GPUs"
         g = torch.Generator(device=device).manual_seed(1234 + rank)
@@ -69,8 +69,8 @@ def _rank_main(rank: int, port: int, errors) -> None:
 def test_one_shot_all_reduce_matches_nccl_and_replays_in_graphs():
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, errors)) for r in range(WORLD)]
+    addr = free_local_addr()
+    procs = [ctx.Process(target=_rank_main, args=(r, addr, errors)) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:

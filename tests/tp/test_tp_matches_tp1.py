@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ from sglora.testing.tiny import tiny_model_path
 from tests.conftest import ALL_FAMILIES, random_prompts
 from tests.lora.test_lora_matches_peft import DENSE_KINDS, MOE_KINDS
 from tests.server.conftest import free_port, start_server
+from tests.server.test_lifecycle import process_gone
 
 ATOL = 1e-4  # max abs logprob, fp32
 SP = {"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True}
@@ -195,3 +197,22 @@ def test_tp2_adapter_load_unload_and_a_dead_rank(tmp_path):
         assert "TP rank 1 exited unexpectedly" in srv.log()
     finally:
         srv.stop()
+
+
+def test_tp2_ranks_exit_when_the_api_server_is_killed(tmp_path):
+    """SIGKILL to the api server (an OOM killer, `kill -9`): every rank exits on its own, also
+    the ones waiting in a collective for a rank that left first, so the GPUs are free again."""
+    model = str(tiny_model_path("qwen3_moe"))
+    srv = start_server(
+        ["--model-path", model, "--device", "cpu", "--tp-size", "2"], tmp_path / "orphan.log"
+    )
+    pids = [int(p) for p in re.findall(r"rank \d pid (\d+)", srv.log())]
+    assert len(pids) == 2, srv.log()[-2000:]
+    body = {"input_ids": random_prompts(1000, [9], seed=5), "sampling_params": SP}
+    assert httpx.post(srv.url + "/generate", json=body, timeout=120).status_code == 200
+    srv.proc.kill()
+    srv.proc.wait(30)
+    deadline = time.monotonic() + 30
+    while not all(process_gone(p) for p in pids):
+        assert time.monotonic() < deadline, f"orphaned ranks still running: {pids}"
+        time.sleep(0.1)
