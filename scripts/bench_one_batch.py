@@ -335,29 +335,36 @@ def run(args: argparse.Namespace) -> list[dict]:
         "commit": commit,
         "tp": args.tp,
         "copy_gbps": bw / 1e9,
+        "decode_steps": args.decode_steps,
     }
     extra = ServerArgs.typed(dict(kv.split("=", 1) for kv in args.extra))
+    if extra:  # rows say which settings they were measured with
+        meta["settings"] = {
+            k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in extra.items()
+        }
     # prompt + decode steps launched by the end of the window (+ profiled steps, warm-up); and
     # the scheduler admits only a request whose prompt and max_new_tokens fit the cache
     max_tokens = max(
         max(args.batch_sizes) * (args.input_len + args.decode_steps + 16),
         args.input_len + args.output_len,
     )
-    common = dict(
-        model_path=args.model,
-        tokenizer_path=str(tiny_model_path("qwen3_moe")),
-        load_format="dummy",
-        device=args.device,
-        max_total_tokens=max_tokens,
-        max_running_requests=max(args.batch_sizes),
-        chunked_prefill_size=8192,
-        context_length=args.input_len + args.output_len + 8,
-        cuda_graph_bs=tuple(args.batch_sizes),
-        cuda_graph_max_bs=max(args.batch_sizes),
-        tp_size=args.tp,
-        disable_overlap_schedule=args.disable_overlap_schedule,
-        **extra,
-    )
+    common = (
+        dict(
+            model_path=args.model,
+            tokenizer_path=str(tiny_model_path("qwen3_moe")),
+            load_format="dummy",
+            device=args.device,
+            max_total_tokens=max_tokens,
+            max_running_requests=max(args.batch_sizes),
+            chunked_prefill_size=8192,
+            context_length=args.input_len + args.output_len + 8,
+            cuda_graph_bs=tuple(args.batch_sizes),
+            cuda_graph_max_bs=max(args.batch_sizes),
+            tp_size=args.tp,
+            disable_overlap_schedule=args.disable_overlap_schedule,
+        )
+        | extra
+    )  # --extra wins over the settings above
     t0 = time.perf_counter()
     specs = make_adapters(args.model, Path(args.adapter_dir), args.num_adapters, args.rank, device)
     print(f"adapters ready in {time.perf_counter() - t0:.1f} s", flush=True)

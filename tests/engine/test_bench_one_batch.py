@@ -20,7 +20,7 @@ from sglora.testing.tiny import tiny_model_path
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_one_batch.py"
 ROW_KEYS = {
     "mode", "batch_size", "input_len", "output_len", "tok_per_s", "tpot_ms", "ttft_ms",
-    "roofline_ms", "device", "date", "commit", "tp", "copy_gbps", "overlap",
+    "roofline_ms", "device", "date", "commit", "tp", "copy_gbps", "overlap", "decode_steps",
 }  # fmt: skip
 
 
@@ -59,16 +59,18 @@ def test_compare_overlap_writes_both_rows_per_batch_size(bench, tmp_path):
     assert (tmp_path / "profiles" / "profile_lora_disabled_bs1_overlap.txt").is_file()
 
 
-def test_disable_overlap_schedule_passes_through(bench, tmp_path):
+def test_disable_overlap_schedule_and_extra_settings_pass_through(bench, tmp_path):
     rows = bench.main(
         [
             "--model", str(tiny_model_path("qwen3_moe")), "--device", "cpu",
             "--batch-sizes", "2", "--input-len", "8", "--output-len", "16",
             "--decode-steps", "2", "--modes", "lora_disabled", "--disable-overlap-schedule",
             "--adapter-dir", str(tmp_path / "adapters"), "--out", str(tmp_path / "rows.json"),
+            "--extra", "disable_custom_all_reduce=true", "max_running_requests=8",
         ]
     )  # fmt: skip
     assert [r["overlap"] for r in rows] == [False]
+    assert rows[0]["settings"] == {"disable_custom_all_reduce": True, "max_running_requests": 8}
 
 
 @pytest.mark.parametrize("overlap", [True, False])
