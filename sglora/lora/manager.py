@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sglora.config import LORA_TARGET_MODULES, ServerArgs
-from sglora.device_copy import to_device
+from sglora.device_copy import to_device_many
 from sglora.lora.adapter import AdapterError, LoRAAdapter
 from sglora.lora.adapter_files import AdapterLimits
 from sglora.lora.backends import create_lora_backend
@@ -205,13 +205,17 @@ class LoRAManager:
         seq_slots = [-1 if n is None else self._ensure_resident(n, used) for n in lora_names]
         token_slots = [s for s, n in zip(seq_slots, seq_lens) for _ in range(n)]
 
-        def dev(x: list[int]) -> torch.Tensor:
-            # non-blocking: a blocking copy would wait for the step in flight (overlap schedule)
-            return to_device(torch.tensor(x, dtype=torch.int64), self.device)
-
+        # one non-blocking copy: a blocking one would wait for the step in flight (overlap)
+        token_dev, seq_dev = to_device_many(
+            [
+                torch.tensor(token_slots, dtype=torch.int64),
+                torch.tensor(seq_slots, dtype=torch.int64),
+            ],
+            self.device,
+        )
         self.batch_info = LoRABatchInfo(
-            token_slots=dev(token_slots),
-            seq_slots=dev(seq_slots),
+            token_slots=token_dev,
+            seq_slots=seq_dev,
             seq_lens_cpu=list(seq_lens),
             active_slots=sorted({s for s in seq_slots if s >= 0}),
             seq_slots_cpu=seq_slots,

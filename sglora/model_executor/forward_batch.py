@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sglora.device_copy import to_device
+from sglora.device_copy import to_device_many
 
 if TYPE_CHECKING:
     from sglora.layers.attention.base import AttentionBackend
@@ -84,29 +84,32 @@ class ForwardBatch:
             sample_rows.append(row - 1)
         seq_lens = [p + n for p, n in zip(prefix_lens, extend_lens)]
 
-        def dev(x: list[int]) -> torch.Tensor:
-            return to_device(torch.tensor(x, dtype=torch.int64), device)
-
-        pool_indices = dev(req_pool_indices)
+        lists = [req_pool_indices, positions, seq_lens, sample_rows]
+        lists += [logprob_rows or [], logprob_targets if logprob_rows else []]
+        lists += [input_ids] if input_ids is not None else []
+        parts = [torch.tensor(x, dtype=torch.int64) for x in lists]
+        # the whole step's metadata in one copy (device_copy.py says why)
+        dev = to_device_many([*parts, out_cache_loc.to(torch.int64)], device)
+        pool_indices, pos, seq, sample, lp_rows, lp_targets = dev[:6]
         if input_ids is None:
             assert last_token_ids is not None and mode is ForwardMode.DECODE
             ids = last_token_ids.index_select(0, pool_indices)
         else:
-            ids = dev(input_ids)
+            ids = dev[6]
         return cls(
             forward_mode=mode,
             batch_size=len(req_pool_indices),
             input_ids=ids,
-            positions=dev(positions),
-            out_cache_loc=to_device(out_cache_loc, device, torch.int64),
+            positions=pos,
+            out_cache_loc=dev[-1],
             req_pool_indices=pool_indices,
-            seq_lens=dev(seq_lens),
+            seq_lens=seq,
             seq_lens_cpu=seq_lens,
             extend_prefix_lens_cpu=list(prefix_lens),
             extend_seq_lens_cpu=list(extend_lens),
-            sample_indices=dev(sample_rows),
-            logprob_indices=dev(logprob_rows) if logprob_rows else None,
-            logprob_targets=dev(logprob_targets) if logprob_rows else None,
+            sample_indices=sample,
+            logprob_indices=lp_rows if logprob_rows else None,
+            logprob_targets=lp_targets if logprob_rows else None,
             top_logprobs_num=top_logprobs_num,
             lora_names=lora_names,
         )

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sglora.device_copy import to_device
+from sglora.device_copy import to_device, to_device_many
 from sglora.distributed.parallel_state import tp_broadcast_
 from sglora.messages import SamplingParams
 
@@ -75,7 +75,8 @@ class SamplingBatchInfo:
         last_ids: torch.Tensor | None = None,
         eos_ids: Iterable[int] = (),
     ) -> SamplingBatchInfo:
-        """Build every tensor on the CPU and move each with one non-blocking copy.
+        """Build every tensor on the CPU and move them with non-blocking copies (the per-row
+        controls in one).
 
         The [bs, vocab] penalty tables are the exception: only the flat token ids are copied, and
         the tables are filled on the device, so the copy is O(tokens), not O(bs * vocab).
@@ -99,15 +100,29 @@ class SamplingBatchInfo:
         steps = [len(o) + (i in late) for i, o in enumerate(output_ids)]
         bias_index, bias_values = _flat_bias(params, vocab_size)
         ban_index = _flat_bans(params, steps, sorted(set(eos_ids)), vocab_size)
+        # one copy for the eight per-row controls (device_copy.py says why)
+        temps, top_ps, top_k, min_ps, greedy_t, seeds, seeded, step_t = to_device_many(
+            [
+                torch.tensor(temperatures, dtype=torch.float32).view(-1, 1),
+                torch.tensor([p.top_p for p in params], dtype=torch.float32),
+                torch.tensor(top_ks, dtype=torch.int64),
+                torch.tensor([p.min_p for p in params], dtype=torch.float32),
+                torch.tensor(greedy, dtype=torch.bool),
+                torch.tensor([_to_int64(p.seed or 0) for p in params], dtype=torch.int64),
+                torch.tensor(has_seed, dtype=torch.bool),
+                torch.tensor(steps, dtype=torch.int64),
+            ],
+            device,
+        )
         info = cls(
-            temperatures=dev(torch.tensor(temperatures, dtype=torch.float32).view(-1, 1)),
-            top_ps=dev(torch.tensor([p.top_p for p in params], dtype=torch.float32)),
-            top_ks=dev(torch.tensor(top_ks, dtype=torch.int64)),
-            min_ps=dev(torch.tensor([p.min_p for p in params], dtype=torch.float32)),
-            greedy=dev(torch.tensor(greedy, dtype=torch.bool)),
-            seeds=dev(torch.tensor([_to_int64(p.seed or 0) for p in params], dtype=torch.int64)),
-            has_seed=dev(torch.tensor(has_seed, dtype=torch.bool)),
-            steps=dev(torch.tensor(steps, dtype=torch.int64)),
+            temperatures=temps,
+            top_ps=top_ps,
+            top_ks=top_k,
+            min_ps=min_ps,
+            greedy=greedy_t,
+            seeds=seeds,
+            has_seed=seeded,
+            steps=step_t,
             is_all_greedy=all(greedy),
             need_top_p_top_k_min_p=any(_needs_filter(p, vocab_size) for p in params),
             need_penalties=any(penalised),

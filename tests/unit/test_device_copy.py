@@ -1,11 +1,12 @@
-"""device_copy.to_device: values and dtype arrive; on CPU nothing is pinned (that needs CUDA)."""
+"""device_copy: values, dtypes and shapes arrive, one tensor or many packed into one copy; on CPU
+nothing is pinned (that needs CUDA)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sglora.device_copy import to_device
+from sglora.device_copy import to_device, to_device_many
 
 
 @pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
@@ -22,3 +23,41 @@ def test_to_device_on_cuda_is_a_copy_the_host_may_reuse():
     out = to_device(host, torch.device("cuda"))
     host.zero_()  # the source may change at once: the copy was staged from a pinned clone
     assert torch.equal(out.cpu(), torch.arange(1 << 16))
+
+
+def _parts() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        torch.randint(-(2**40), 2**40, (5,), generator=g),  # int64
+        torch.rand(3, 1, generator=g),  # float32, 2-D
+        torch.tensor([True, False, True]),  # 3 bytes: the next part must start aligned
+        torch.empty(0, dtype=torch.int64),
+        torch.arange(7, dtype=torch.int32)[::2],  # not contiguous
+        torch.tensor(2.5, dtype=torch.float64),  # 0-dim
+    ]
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+        ),
+    ],
+)
+def test_to_device_many_moves_every_part_with_its_dtype_and_shape(device):
+    parts = _parts()
+    want = [p.clone() for p in parts]
+    got = to_device_many(parts, device)
+    for p in parts:
+        p.zero_() if p.dtype != torch.bool else p.fill_(False)  # the sources may change at once
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.device.type == device and g.dtype == w.dtype and g.shape == w.shape
+        assert g.is_contiguous() and g.data_ptr() % 16 == 0
+        assert torch.equal(g.cpu(), w)
+
+
+def test_to_device_many_of_nothing():
+    assert to_device_many([], "cpu") == []
