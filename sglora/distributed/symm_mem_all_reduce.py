@@ -15,6 +15,7 @@ on a one-node group; anything else, and every CPU (gloo) group, goes through tor
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -37,8 +38,10 @@ class SymmMemAllReduce:
 
         self.group_name = group.group_name
         self.max_bytes = max_bytes
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # required before torch 2.9
-            symm_mem.enable_symm_mem_for_group(self.group_name)
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):
+            with warnings.catch_warnings():  # required before torch 2.9, deprecated after
+                warnings.simplefilter("ignore", FutureWarning)
+                symm_mem.enable_symm_mem_for_group(self.group_name)
         # one buffer per dtype: a rendezvous is collective, so none may happen mid-forward
         self.buffers = {}
         for dtype in SUPPORTED_DTYPES:
