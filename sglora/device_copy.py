@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 _ALIGN = 16  # bytes: every packed part starts where its dtype (and vector loads) can read it
@@ -31,22 +32,42 @@ def to_device(
     return host.to(device, non_blocking=True)
 
 
-def to_device_many(hosts: Sequence[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
-    """Each of `hosts` (CPU tensors of any dtypes and shapes) on `device` through one staging
-    buffer and one non-blocking copy; the results are views of one device buffer. The same
-    packing runs on every device, so the CPU tests check it too."""
-    nbytes = [h.numel() * h.element_size() for h in hosts]
-    starts, total = [], 0
-    for n in nbytes:
-        starts.append(total)
-        total += -(-n // _ALIGN) * _ALIGN
+_TORCH_DTYPES = {
+    np.dtype(d): t
+    for d, t in [
+        (np.bool_, torch.bool),
+        (np.uint8, torch.uint8),
+        (np.int32, torch.int32),
+        (np.int64, torch.int64),
+        (np.float32, torch.float32),
+        (np.float64, torch.float64),
+    ]
+}
+
+
+def to_device_many(
+    hosts: Sequence[np.ndarray | torch.Tensor], device: torch.device | str
+) -> list[torch.Tensor]:
+    """Each of `hosts` (numpy arrays or CPU tensors, any of the dtypes above and any shapes) on
+    `device` through one staging buffer and one non-blocking copy: the results are views of one
+    device buffer, each part starting 16-byte aligned. The same packing runs on every device,
+    so the CPU tests check it too. Packing is written with numpy: on tiny arrays a torch op
+    costs several times a numpy one, and this runs every step."""
+    arrays = [h.numpy() if isinstance(h, torch.Tensor) else h for h in hosts]
+    sizes: list[int] = []  # bytes: part, padding, part, padding, ...
+    for a in arrays:
+        sizes += [a.nbytes, -a.nbytes % _ALIGN]
+    total = sum(sizes)
     cuda = torch.device(device).type == "cuda"
     staging = torch.empty(max(total, _ALIGN), dtype=torch.uint8, pin_memory=cuda)
-    for h, start, n in zip(hosts, starts, nbytes):
-        if n:
-            staging[start : start + n].copy_(h.contiguous().view(-1).view(torch.uint8))
-    packed = staging.to(device, non_blocking=True)
-    return [
-        packed[start : start + n].view(h.dtype).view(h.shape)
-        for h, start, n in zip(hosts, starts, nbytes)
-    ]
+    buf, at = staging.numpy(), 0
+    for a, n, pad in zip(arrays, sizes[::2], sizes[1::2]):
+        buf[at : at + n] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        at += n + pad
+    sizes.append(staging.numel() - total)
+    chunks = staging.to(device, non_blocking=True).split(sizes)[:-1:2]
+    out = []
+    for c, a in zip(chunks, arrays):
+        v = c.view(_TORCH_DTYPES[a.dtype])
+        out.append(v if a.ndim == 1 else v.view(a.shape))
+    return out

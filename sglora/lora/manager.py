@@ -13,6 +13,7 @@ import logging
 import time
 from itertools import count
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -207,10 +208,7 @@ class LoRAManager:
 
         # one non-blocking copy: a blocking one would wait for the step in flight (overlap)
         token_dev, seq_dev = to_device_many(
-            [
-                torch.tensor(token_slots, dtype=torch.int64),
-                torch.tensor(seq_slots, dtype=torch.int64),
-            ],
+            [np.array(token_slots, dtype=np.int64), np.array(seq_slots, dtype=np.int64)],
             self.device,
         )
         self.batch_info = LoRABatchInfo(

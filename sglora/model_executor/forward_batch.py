@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from sglora.device_copy import to_device_many
@@ -87,7 +88,7 @@ class ForwardBatch:
         lists = [req_pool_indices, positions, seq_lens, sample_rows]
         lists += [logprob_rows or [], logprob_targets if logprob_rows else []]
         lists += [input_ids] if input_ids is not None else []
-        parts = [torch.tensor(x, dtype=torch.int64) for x in lists]
+        parts = [np.array(x, dtype=np.int64) for x in lists]
         # the whole step's metadata in one copy (device_copy.py says why)
         dev = to_device_many([*parts, out_cache_loc.to(torch.int64)], device)
         pool_indices, pos, seq, sample, lp_rows, lp_targets = dev[:6]

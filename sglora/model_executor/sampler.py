@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sglora.device_copy import to_device, to_device_many
@@ -103,14 +104,14 @@ class SamplingBatchInfo:
         # one copy for the eight per-row controls (device_copy.py says why)
         temps, top_ps, top_k, min_ps, greedy_t, seeds, seeded, step_t = to_device_many(
             [
-                torch.tensor(temperatures, dtype=torch.float32).view(-1, 1),
-                torch.tensor([p.top_p for p in params], dtype=torch.float32),
-                torch.tensor(top_ks, dtype=torch.int64),
-                torch.tensor([p.min_p for p in params], dtype=torch.float32),
-                torch.tensor(greedy, dtype=torch.bool),
-                torch.tensor([_to_int64(p.seed or 0) for p in params], dtype=torch.int64),
-                torch.tensor(has_seed, dtype=torch.bool),
-                torch.tensor(steps, dtype=torch.int64),
+                np.array(temperatures, dtype=np.float32).reshape(-1, 1),
+                np.array([p.top_p for p in params], dtype=np.float32),
+                np.array(top_ks, dtype=np.int64),
+                np.array([p.min_p for p in params], dtype=np.float32),
+                np.array(greedy, dtype=np.bool_),
+                np.array([_to_int64(p.seed or 0) for p in params], dtype=np.int64),
+                np.array(has_seed, dtype=np.bool_),
+                np.array(steps, dtype=np.int64),
             ],
             device,
         )

@@ -3,6 +3,7 @@ nothing is pinned (that needs CUDA)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,6 +35,8 @@ def _parts() -> list[torch.Tensor]:
         torch.empty(0, dtype=torch.int64),
         torch.arange(7, dtype=torch.int32)[::2],  # not contiguous
         torch.tensor(2.5, dtype=torch.float64),  # 0-dim
+        np.array([[1.5], [-2.0]], dtype=np.float32),  # numpy, as the per-step callers pass
+        np.array([True, False], dtype=np.bool_),
     ]
 
 
@@ -48,10 +51,10 @@ def _parts() -> list[torch.Tensor]:
 )
 def test_to_device_many_moves_every_part_with_its_dtype_and_shape(device):
     parts = _parts()
-    want = [p.clone() for p in parts]
+    want = [torch.as_tensor(p).clone() for p in parts]
     got = to_device_many(parts, device)
     for p in parts:
-        p.zero_() if p.dtype != torch.bool else p.fill_(False)  # the sources may change at once
+        p[...] = 0  # the sources may change at once
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g.device.type == device and g.dtype == w.dtype and g.shape == w.shape
