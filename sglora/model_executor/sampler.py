@@ -53,6 +53,7 @@ class SamplingBatchInfo:
     need_logit_edits: bool  # logit_bias or a min_new_tokens mask in some row
     any_seeded: bool  # some row needs the hashed uniforms
     all_seeded: bool  # no row needs torch.rand
+    need_logprobs: bool = True  # False: no row returns logprobs, so none are computed
     # Penalties (None unless need_penalties); rows without penalties hold neutral values.
     presence: torch.Tensor | None = None  # [bs] float32
     frequency: torch.Tensor | None = None  # [bs] float32
@@ -75,6 +76,7 @@ class SamplingBatchInfo:
         in_flight_rows: list[int] | None = None,
         last_ids: torch.Tensor | None = None,
         eos_ids: Iterable[int] = (),
+        need_logprobs: bool = True,
     ) -> SamplingBatchInfo:
         """Build every tensor on the CPU and move them with non-blocking copies (the per-row
         controls in one).
@@ -86,6 +88,8 @@ class SamplingBatchInfo:
         (overlap scheduling), so it is missing from `output_ids`; `last_ids` [bs] (device) holds
         it. It counts in the seeded step, the penalties and min_new_tokens exactly as if the host
         had read it. `eos_ids`: what min_new_tokens masks besides each row's stop_token_ids.
+        `need_logprobs`: whether any row returns logprobs (a [bs, vocab] logsumexp, its launches
+        and a copy per step otherwise).
         """
         assert len(params) == len(prompt_ids) == len(output_ids)
         late = set(in_flight_rows or ())
@@ -130,6 +134,7 @@ class SamplingBatchInfo:
             need_logit_edits=bool(bias_index.numel() or ban_index.numel()),
             any_seeded=any(has_seed),
             all_seeded=all(has_seed),
+            need_logprobs=need_logprobs,
         )
         if info.need_penalties:
             # Rows without penalties keep zero counts: their neutral values make them a no-op.
@@ -221,7 +226,8 @@ def _mask_on_device(index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor
 @dataclass
 class SamplerOutput:
     next_token_ids: torch.Tensor  # [bs] int64
-    logprobs: torch.Tensor  # [bs] float32: log_softmax of the RAW logits at the chosen token
+    # [bs] float32: log_softmax of the RAW logits at the chosen token; None if no row wants it
+    logprobs: torch.Tensor | None
     top_logprob_ids: torch.Tensor | None  # [bs, k] int64 (k = max requested), best first
     top_logprob_vals: torch.Tensor | None  # [bs, k] float32
 
@@ -245,6 +251,8 @@ class Sampler:
         # Every rank must take the same token or their schedules part ways; rank 0's choice
         # rules (one tiny collective on the device, no host sync).
         next_ids = tp_broadcast_(next_ids.contiguous())
+        if not (info.need_logprobs or top_logprobs_num):
+            return SamplerOutput(next_ids, None, None, None)
         logprobs, top_ids, top_vals = raw_logprobs(raw, next_ids, top_logprobs_num)
         return SamplerOutput(next_ids, logprobs, top_ids, top_vals)
 

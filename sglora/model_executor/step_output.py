@@ -21,7 +21,7 @@ class StepResult(NamedTuple):
     """Host lists of one step's results."""
 
     next_token_ids: list[int]  # [bs]
-    logprobs: list[float]  # [bs]
+    logprobs: list[float] | None  # [bs]; None if no request returns logprobs
     top_ids: list[list[int]] | None  # [bs][k]
     top_vals: list[list[float]] | None
     input_logprobs: list[float] | None  # [N] prompt logprob rows

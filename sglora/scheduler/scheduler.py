@@ -16,6 +16,7 @@ freed. A request that a length limit ends is known to end at launch and is not d
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -335,6 +336,7 @@ class Scheduler:
             [i for i, r in enumerate(reqs) if r.tokens_in_flight],
             fb.input_ids,
             self.eos_ids,
+            need_logprobs=any(r.return_logprob for r in reqs),
         )
         top_n = max((r.top_logprobs_num for r in reqs), default=0)
         batch.output = self.runner.forward_and_sample(fb, info, top_n)
@@ -373,7 +375,8 @@ class Scheduler:
             if out.top_ids is not None:
                 k = req.top_logprobs_num
                 top = list(zip(out.top_ids[i][:k], out.top_vals[i][:k]))
-            self._append_token(req, out.next_token_ids[i], out.logprobs[i], top)
+            logprob = math.nan if out.logprobs is None else out.logprobs[i]  # nan: not asked for
+            self._append_token(req, out.next_token_ids[i], logprob, top)
         self.running = [r for r in self.running if not r.finished]
 
     def _append_token(

@@ -346,6 +346,20 @@ def test_logprobs_are_raw_log_softmax_at_the_chosen_ids(dtype: torch.dtype) -> N
     assert out.top_logprob_ids is None and out.top_logprob_vals is None
 
 
+def test_no_logprobs_are_computed_when_no_row_returns_them() -> None:
+    vocab = 40
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, seed=3)]
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(2))
+    args = (params, [[1]] * 2, [[2]] * 2, vocab, "cpu")
+    with_lp = Sampler()(logits, SamplingBatchInfo.from_requests(*args))
+    without = Sampler()(logits, SamplingBatchInfo.from_requests(*args, need_logprobs=False))
+    assert torch.equal(without.next_token_ids, with_lp.next_token_ids)
+    assert without.logprobs is None and with_lp.logprobs is not None
+    # top logprobs asked for: computed whatever the flag says
+    top = Sampler()(logits, SamplingBatchInfo.from_requests(*args, need_logprobs=False), 3)
+    assert top.logprobs is not None and top.top_logprob_ids.shape == (2, 3)
+
+
 def test_top_logprobs_are_sorted_and_correct() -> None:
     torch.manual_seed(6)
     logits = torch.randn(3, 50)
