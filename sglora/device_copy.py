@@ -25,11 +25,7 @@ def to_device(
     host: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """`host` (a CPU tensor) on `device`, in `dtype` if given, queued without a wait."""
-    if dtype is not None:
-        host = host.to(dtype)
-    if torch.device(device).type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
+    return to_device_many([host if dtype is None else host.to(dtype)], device)[0]
 
 
 _TORCH_DTYPES = {

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sglora.device_copy import to_device, to_device_many
+from sglora.device_copy import to_device_many
 from sglora.distributed.parallel_state import tp_broadcast_
 from sglora.messages import SamplingParams
 
@@ -94,9 +94,6 @@ class SamplingBatchInfo:
         assert len(params) == len(prompt_ids) == len(output_ids)
         late = set(in_flight_rows or ())
 
-        def dev(t: torch.Tensor) -> torch.Tensor:
-            return to_device(t, device)
-
         greedy = [p.is_greedy for p in params]
         top_ks = [vocab_size if p.top_k < 0 else min(p.top_k, vocab_size) for p in params]
         has_seed = [p.seed is not None for p in params]
@@ -139,23 +136,31 @@ class SamplingBatchInfo:
         if info.need_penalties:
             # Rows without penalties keep zero counts: their neutral values make them a no-op.
             rows = [i for i, p in enumerate(penalised) if p]
-            info.presence = dev(torch.tensor([p.presence_penalty for p in params]).float())
-            info.frequency = dev(torch.tensor([p.frequency_penalty for p in params]).float())
-            info.repetition = dev(torch.tensor([p.repetition_penalty for p in params]).float())
-            # Only the token ids cross to the device; the [bs, vocab] tables are built there.
-            shape = (len(params), vocab_size)
-            out_index = dev(_flat_token_index(output_ids, rows, vocab_size))
             late_rows = [r for r in rows if r in late]
+            # Only the token ids cross to the device; the [bs, vocab] tables are built there.
+            info.presence, info.frequency, info.repetition, out_index, at, prompt_index = (
+                to_device_many(
+                    [
+                        np.array([p.presence_penalty for p in params], dtype=np.float32),
+                        np.array([p.frequency_penalty for p in params], dtype=np.float32),
+                        np.array([p.repetition_penalty for p in params], dtype=np.float32),
+                        _flat_token_index(output_ids, rows, vocab_size),
+                        np.array(late_rows, dtype=np.int64),
+                        _flat_token_index(prompt_ids, rows, vocab_size),
+                    ],
+                    device,
+                )
+            )
             if late_rows:
                 assert last_ids is not None
-                at = dev(torch.tensor(late_rows, dtype=torch.int64))
                 out_index = torch.cat([out_index, at * vocab_size + last_ids.index_select(0, at)])
+            shape = (len(params), vocab_size)
             info.output_counts = _count_on_device(out_index, shape)
-            prompt_index = dev(_flat_token_index(prompt_ids, rows, vocab_size))
             info.prompt_mask = _mask_on_device(prompt_index, shape)
         if info.need_logit_edits:
-            info.bias_index, info.bias_values = dev(bias_index), dev(bias_values)
-            info.ban_index = dev(ban_index)
+            info.bias_index, info.bias_values, info.ban_index = to_device_many(
+                [bias_index, bias_values, ban_index], device
+            )
         return info
 
 
