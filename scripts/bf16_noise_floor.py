@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sglora.testing.adapters import load_reference  # noqa: E402
-from tests.gpu.test_bf16_vs_peft import reference_logprobs  # noqa: E402
+from tests.gpu.test_bf16_vs_peft import half_mse, reference_logprobs  # noqa: E402
 from tests.lora.test_lora_matches_peft import run_mixed_batch  # noqa: E402
 
 BOUND = 5e-4  # the TP issue's bound
@@ -41,8 +41,7 @@ def main() -> None:
             ties = torch.zeros(len(full) - 1, dtype=torch.bool)
             fp32 = reference_logprobs(model, full, ties)
             bf16 = reference_logprobs(model.to(torch.bfloat16), full)
-            sq = (bf16 - fp32) ** 2
-            score, score_all = 0.5 * sq[~ties].mean().item(), 0.5 * sq.mean().item()
+            score, score_all = half_mse(bf16[~ties], fp32[~ties]), half_mse(bf16, fp32)
             scores.append(score)
             print(f"  {family:10s} {kind!s:22s} {score:.2e} {score_all:.2e}")
     s = torch.tensor(scores)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sglora.testing.adapters import load_reference  # noqa: E402
-from tests.gpu.test_bf16_vs_peft import GPU_BF16, routing_ties  # noqa: E402
+from tests.gpu.test_bf16_vs_peft import GPU_BF16, half_mse, routing_ties  # noqa: E402
 from tests.lora.test_lora_matches_peft import run_mixed_batch  # noqa: E402
 
 THRESHOLD = 5e-4
@@ -97,9 +97,8 @@ def main() -> None:
                 same += 1
             n = len(want["logprobs"]) - len(want["output_ids"]) + same
             a, b = torch.tensor(got["logprobs"][:n]), torch.tensor(want["logprobs"][:n])
-            sq = (a - b) ** 2
             keep = ~tied_positions(want, refs)[:n]
-            score, score_all = 0.5 * sq[keep].mean().item(), 0.5 * sq.mean().item()
+            score, score_all = half_mse(a[keep], b[keep]), half_mse(a, b)
             diff = sum(x != y for x, y in zip(got["output_ids"], want["output_ids"]))
             worst = max(worst, score)
             bad = score > THRESHOLD
