@@ -39,16 +39,19 @@ LoRA engine; docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import faulthandler
 import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -211,20 +214,102 @@ def drain(s) -> None:
     s.kv.tree.reset()
 
 
+def decode_graph(s, bs: int, lora: bool) -> torch.cuda.CUDAGraph | None:
+    """The CUDA graph a decode step of `bs` requests replays, None when decode runs eagerly."""
+    gr = s.runner.graph_runner
+    if gr is None:
+        return None
+    pbs = gr.sizes[bisect.bisect_left(gr.sizes, bs)]
+    return gr.graphs[("lora" if lora else gr._base_pool, pbs)]
+
+
+class GraphTimes(NamedTuple):
+    replay_ms: float  # GPU time of the step's decode graph, replayed back to back
+    launch_us: float  # host time of one replay call on an idle GPU (median)
+
+
+def graph_times(s, bs: int, lora: bool, reps: int = 20) -> GraphTimes | None:
+    """The decode step's CUDA graph alone, replayed with the inputs the last step left in its
+    buffers (it rewrites the same KV entries with the same values). Against tpot it splits a
+    step into device time and what the host adds; None when decode does not replay graphs."""
+    graph = decode_graph(s, bs, lora)
+    if graph is None:
+        return None
+    device = s.runner.device
+    sync(device)
+    launches = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        graph.replay()
+        launches.append(time.perf_counter() - t0)
+        sync(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    sync(device)
+    return GraphTimes(start.elapsed_time(end) / reps, statistics.median(launches) * 1e6)
+
+
+def profile_graph(graph: torch.cuda.CUDAGraph, path: Path, reps: int = 5) -> None:
+    """Per kernel of a decode graph replayed `reps` times: its time and the idle time before it
+    on the device (a graph's kernels run back to back, so idle time is launch latency between
+    nodes), from the profiler's device trace. Written next to the step profiles."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
+    kernels = sorted(
+        (e for e in events if e.get("cat") == "kernel" and "dur" in e), key=lambda e: e["ts"]
+    )
+    per_name: dict[str, list[float]] = {}  # name -> [calls, busy us, idle us before]
+    for prev, e in zip(kernels, kernels[1:]):
+        idle = e["ts"] - (prev["ts"] + prev["dur"])
+        row = per_name.setdefault(e["name"][:60], [0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += e["dur"]
+        row[2] += max(idle, 0.0)
+    span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"] if kernels else 0.0
+    busy = sum(r[1] for r in per_name.values())
+    idle = sum(r[2] for r in per_name.values())
+    lines = [
+        f"{len(kernels)} kernels in {reps} replays: span {span / reps:.1f} us a replay, "
+        f"busy {busy / reps:.1f} us, idle between kernels {idle / reps:.1f} us",
+        f"{'kernel':60s} {'calls':>6s} {'busy us':>9s} {'idle before us':>15s} {'idle/call':>9s}",
+    ]
+    for name, (n, b, i) in sorted(per_name.items(), key=lambda kv: -kv[1][2]):
+        lines.append(f"{name:60s} {n // reps:6d} {b / reps:9.1f} {i / reps:15.1f} {i / n:9.2f}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
 def run_batch(
     s, tag: str, bs: int, loras: list[str | None], args, gen, device, profile: Path | None
-) -> tuple[float, float]:
+) -> tuple[float, float, GraphTimes | None]:
     """(ttft, tpot) in seconds of one static batch of `bs` requests, after an untimed prefill
     of the same shape (so TTFT leaves out kernel compilation and autotuning, and the first of
-    two compared runs is not the one that pays for them); then frees everything."""
+    two compared runs is not the one that pays for them), and its graph's own times; then
+    frees everything."""
     time_to_first_tokens(s, submit(s, f"{tag}-warmup", bs, loras, args, gen), device)
     drain(s)
     ttft = time_to_first_tokens(s, submit(s, tag, bs, loras, args, gen), device)
     if profile is not None:
         profile_steps(s, profile, device)
     tpot = time_per_decode_step(s, bs, args.decode_steps)
+    graph = graph_times(s, bs, any(loras))
+    if profile is not None and graph is not None:
+        profile_graph(decode_graph(s, bs, any(loras)), profile.with_name(f"graph_{profile.name}"))
     drain(s)
-    return ttft, tpot
+    return ttft, tpot, graph
 
 
 def run_mode(
@@ -244,7 +329,7 @@ def run_mode(
             profile = None
             if args.profile and bs == args.batch_sizes[0]:
                 profile = Path(args.profile) / f"profile_{tag}.txt"
-            ttft, tpot = run_batch(s, tag, bs, loras, args, gen, device, profile)
+            ttft, tpot, graph = run_batch(s, tag, bs, loras, args, gen, device, profile)
             ctx = args.input_len + 3 + args.decode_steps // 2
             adapters = len({x for x in loras if x}) if any(loras) else 0
             floor = step_floor_bytes(engine, bs, ctx, min(adapters, bs), args.rank) / bw
@@ -258,13 +343,20 @@ def run_mode(
                 "ttft_ms": ttft * 1e3,
                 "roofline_ms": floor * 1e3,
                 "overlap": overlap,
+                "graph_replay_ms": graph.replay_ms if graph else None,
+                "graph_launch_us": graph.launch_us if graph else None,
                 **meta,
             }
             rows.append(row)
             print(
                 f"{mode:14s} bs={bs:4d} overlap={'on ' if overlap else 'off'} "
                 f"tpot={tpot * 1e3:8.2f} ms  tok/s={bs / tpot:9.0f}  "
-                f"floor={floor * 1e3:6.2f} ms  ttft={ttft * 1e3:8.1f} ms",
+                f"floor={floor * 1e3:6.2f} ms  ttft={ttft * 1e3:8.1f} ms"
+                + (
+                    f"  graph={graph.replay_ms:7.2f} ms launch={graph.launch_us:6.0f} us"
+                    if graph
+                    else ""
+                ),
                 flush=True,
             )
     return rows
