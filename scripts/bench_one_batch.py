@@ -20,6 +20,9 @@ What is timed, as the host sees it (overlap scheduling on or off alike):
            in serving), after an untimed prefill of the same shape
   tpot_ms  mean time between two decode steps' tokens reaching the host, in steady state
            (warmed up; with overlap a step is in flight at both ends of the window)
+  graph_replay_ms  the step's decode graph alone, replayed back to back (device time); the
+           gap to tpot is what the host adds
+  graph_launch_us  host time of one replay call on an idle device
 Rows say which with `overlap`. --compare-overlap measures each batch size with overlap on and
 off on the same engine (`Scheduler.set_overlap` between runs); --disable-overlap-schedule
 builds the engine without it.
@@ -30,10 +33,11 @@ Weights are dummy (`--load-format dummy`), adapters random (scripts/make_adapter
 has the step's floor: bytes it must read (active weights, adapters' A/B of the experts it hits,
 KV) over the copy bandwidth measured in the same run. Prints a table; appends JSON rows.
 
-The modes run one after another in this process, in the order given: keep lora_disabled first.
-A LoRA-enabled engine leaves process state behind that slows a later engine's host-bound steps
-(measured on an H200: lora_disabled at bs 1 takes 3.49 ms first in its process, 3.75 ms after a
-LoRA engine; docs/benchmarks.md).
+The modes run one after another in this process, in the order given. Graphs are captured for
+the measured batch sizes only, so compare modes measured with the same --batch-sizes: once a
+process holds more than ~3 CUDA graphs the device idles longer between a graph's kernels
+(+0.26 ms a step at bs 1 on an H200; benchmarks/results/graph_launch_regime_h200.log), and a
+server holds dozens.
 """
 
 from __future__ import annotations
