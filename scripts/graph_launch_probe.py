@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--separate-pools", action="store_true", help="extra graphs: own pools")
     ap.add_argument("--touch-extras", action="store_true", help="replay extra graphs first")
     ap.add_argument("--new-stream", action="store_true", help="time replays on a new stream")
+    ap.add_argument("--drop", action="store_true", help="then destroy the extras, time again")
     ap.add_argument("--steps", type=int, nargs="+", default=[0, 16, 32, 64, 128])
     args = ap.parse_args()
     x = torch.zeros(128, device="cuda")
@@ -103,6 +104,12 @@ def main() -> None:
             us = replay_us(g)
         rows.append({"extra": have, "replay_us": us, "us_per_node": us / nodes})
         print(f"extra {args.what} {have:6d}: replay {us:8.1f} us, {us / nodes:.3f} us a node")
+    if args.drop and extra:  # the extra graph executables destroyed: does g get fast again?
+        extra.clear()
+        torch.cuda.synchronize()
+        us = replay_us(g)
+        rows.append({"extra": 0, "replay_us": us, "us_per_node": us / nodes, "dropped": True})
+        print(f"extra graphs dropped: replay {us:8.1f} us, {us / nodes:.3f} us a node")
     print(json.dumps({"device": torch.cuda.get_device_name(), **vars(args), "rows": rows}))
 
 
