@@ -7,6 +7,10 @@ the device, then changes one thing at a time and times it again:
   graphs   instantiate more graphs of the same kernels (`--steps`: totals of extra graphs)
   kernels  compile and launch more distinct Triton kernels outside the graph (`--steps`: totals
            of extra kernels, each `--unroll` loads long, so their code adds up)
+  update   capture more graphs of the same shape (on other tensors) without instantiating
+           them, and make the one executable graph run each in turn with cuGraphExecUpdate
+           (`--steps`: totals of such graphs): the way to serve many batch sizes from few
+           executables, if an update keeps the fast regime
 
     python scripts/graph_launch_probe.py {graphs,kernels} [--steps 0 16 32 64 128]
 """
@@ -14,7 +18,9 @@ the device, then changes one thing at a time and times it again:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import time
 
 import torch
 import triton
@@ -36,11 +42,13 @@ def launch(x: torch.Tensor, kid: int, unroll: int) -> None:
     _bump[(1,)](x, ID=kid, UNROLL=unroll, BLOCK=x.numel())
 
 
-def capture(x: torch.Tensor, ids: range, layers: int, unroll: int, pool) -> torch.cuda.CUDAGraph:
+def capture(
+    x: torch.Tensor, ids: range, layers: int, unroll: int, pool, keep: bool = False
+) -> torch.cuda.CUDAGraph:
     for k in ids:  # compile before capture
         launch(x, k, unroll)
     torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
+    g = torch.cuda.CUDAGraph(keep_graph=keep)
     with torch.cuda.graph(g, pool=pool):
         for _ in range(layers):
             for k in ids:
@@ -62,7 +70,7 @@ def replay_us(g: torch.cuda.CUDAGraph, reps: int = 50) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["graphs", "kernels"])
+    ap.add_argument("what", choices=["graphs", "kernels", "update"])
     ap.add_argument("--distinct", type=int, default=14)
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--unroll", type=int, default=64)
@@ -75,7 +83,11 @@ def main() -> None:
     args = ap.parse_args()
     x = torch.zeros(128, device="cuda")
     pool = torch.cuda.graph_pool_handle()
-    g = capture(x, range(args.distinct), args.layers, args.unroll, pool)
+    keep = args.what == "update"
+    g = capture(x, range(args.distinct), args.layers, args.unroll, pool, keep)
+    if keep:
+        g.instantiate()
+    cuda = ctypes.CDLL("libcuda.so.1")
     nodes = args.distinct * args.layers
     extra: list[torch.cuda.CUDAGraph] = []
     kernels = 0
@@ -87,6 +99,30 @@ def main() -> None:
                 ids = range(first, first + args.distinct)
                 own = torch.cuda.graph_pool_handle() if args.separate_pools else pool
                 extra.append(capture(x, ids, args.layers, args.unroll, own))
+            have = len(extra)
+        elif args.what == "update":
+            while len(extra) < total:
+                xe = torch.zeros_like(x)
+                extra.append(
+                    capture(xe, range(args.distinct), args.layers, args.unroll, pool, True)
+                )
+                extra[-1].xe = xe
+            info = (ctypes.c_byte * 64)()  # CUgraphExecUpdateResultInfo
+            update_us = []
+            for e in extra:
+                t0 = time.perf_counter()
+                rc = cuda.cuGraphExecUpdate_v2(
+                    ctypes.c_void_p(g.raw_cuda_graph_exec()),
+                    ctypes.c_void_p(e.raw_cuda_graph()),
+                    info,
+                )
+                update_us.append((time.perf_counter() - t0) * 1e6)
+                assert rc == 0, f"cuGraphExecUpdate: {rc}"
+                g.replay()
+            torch.cuda.synchronize()
+            if update_us:
+                mean = sum(update_us) / len(update_us)
+                print(f"  {len(update_us)} updates, host {mean:.0f} us each")
             have = len(extra)
         else:
             while kernels < total:
