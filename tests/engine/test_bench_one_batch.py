@@ -21,6 +21,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_one_batch.py"
 ROW_KEYS = {
     "mode", "batch_size", "input_len", "output_len", "tok_per_s", "tpot_ms", "ttft_ms",
     "roofline_ms", "device", "date", "commit", "tp", "copy_gbps", "overlap", "decode_steps",
+    "graph_replay_ms", "graph_launch_us",
 }  # fmt: skip
 
 
@@ -56,6 +57,7 @@ def test_compare_overlap_writes_both_rows_per_batch_size(bench, tmp_path):
         assert set(r) == ROW_KEYS
         assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["roofline_ms"] > 0
         assert r["tok_per_s"] == pytest.approx(r["batch_size"] / r["tpot_ms"] * 1e3)
+        assert r["graph_replay_ms"] is None  # no CUDA graphs on the CPU
     assert (tmp_path / "profiles" / "profile_lora_disabled_bs1_overlap.txt").is_file()
 
 
