@@ -6,9 +6,10 @@ would lose the step it hides); from page-locked memory it never does. PyTorch's 
 allocator keeps the staging block until the copy has run, so callers may drop or reuse the
 source at once.
 
-Each copy costs host time (pinning, the copy's launch: ~35 µs a tensor on an H200 host, where a
-batch-1 decode step is host-bound), so a step's tensors travel together: `to_device_many` packs
-them into one staging buffer and makes one copy.
+Each copy costs host time (pinning, the copy's launch: ~35 µs a tensor on an H200 host), which
+a step without overlap scheduling pays in full, so a step's tensors travel together:
+`to_device_many` packs them into one staging buffer and makes one copy. (With overlap, decode
+on an H200 is device-bound at every batch size: this time hides behind the step in flight.)
 """
 
 from __future__ import annotations
