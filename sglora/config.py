@@ -189,6 +189,15 @@ class ServerArgs:
         "adapter ids) or torch_native; 'auto': csgmv on CUDA, torch_native on CPU.",
         ("auto", "csgmv", "triton", "torch_native"),
     )
+    lora_shrink_in_gemm: str = _arg(
+        "auto",
+        "Dense LoRA with the triton/csgmv backends: store every slot's A below the base weight so "
+        "the base GEMM also computes the shrink x·Aᵀ, leaving one LoRA launch (the expand) per "
+        "linear. 'auto': layers whose appended rows are at most a quarter of their outputs, in "
+        "batches of at most 1024 tokens (decode; longer prefills run the separate shrink); "
+        "'on': every layer and batch; 'off': separate shrink kernels.",
+        ("auto", "on", "off"),
+    )
     max_lora_chunk_size: int = _arg(
         16, "Most tokens per chunk of the csgmv LoRA backend (a power of two, 16..128)."
     )

@@ -18,7 +18,9 @@ Pointer layouts (element strides; last dimensions contiguous):
   perm         [T] int32          token index of each sorted position (first n_lora used)
   chunk_start  [NC + 1] int32     sorted positions; chunk c is chunk_start[c] … chunk_start[c+1]
   chunk_slot   [NC] int32         adapter slot of chunk c
-  P            [SPLIT_K, T, N]    fp32 partials in sorted order, contiguous
+  P            [SPLIT_K, T, N]    fp32 partials in sorted order, contiguous; or, for the
+                                  expand, [T, S·N] from a base GEMM (token order, slot s at
+                                  columns s·N; `lora_token.shrink_layout`)
   B            [S, Σout, R]       strides (`stride_bs`, `stride_bn`, 1)
   y            [T, Σout]          row stride `stride_yt`
 """
@@ -33,12 +35,12 @@ from sglora.kernels.lora_token import (
     FLOATS,
     MAX_SLICES,
     check_device,
-    check_out_sizes,
     check_tensor,
     expand_block_n,
     pick_split_k,
     pow2,
     precision,
+    shrink_layout,
     token_blocks,
 )
 
@@ -98,17 +100,19 @@ def _csgmv_expand_kernel(
     chunk_start_ptr,
     chunk_slot_ptr,
     y_ptr,
-    T,
     R,
-    N,
     OUT0,
     OUT1,
     OUT2,
+    stride_pk,
+    stride_pt,
+    stride_ps,
     stride_bs,
     stride_bn,
     stride_yt,
     CHUNK: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    P_BY_TOKEN: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     ACCUMULATE: tl.constexpr,
@@ -135,10 +139,15 @@ def _csgmv_expand_kernel(
     n_mask = offs_n < width
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    p_rows = p_ptr + offs_j.to(tl.int64)[:, None] * N + (sl * R + offs_r)[None, :]
+    if P_BY_TOKEN:  # the base GEMM's [T, S·N] shrink: the token's row, the slot's columns
+        p_rows = p_ptr + rows[:, None] * stride_pt + slot * stride_ps
+    else:  # the shrink kernel's partials, in sorted order
+        p_rows = p_ptr + offs_j.to(tl.int64)[:, None] * stride_pt
+    p_rows += (sl * R + offs_r)[None, :]
     pr = tl.zeros((CHUNK, BLOCK_R), dtype=tl.float32)
     for k in tl.static_range(SPLIT_K):
-        pr += tl.load(p_rows + k * T * N, mask=j_mask[:, None] & r_mask[None, :], other=0.0)
+        p_mask = j_mask[:, None] & r_mask[None, :]
+        pr += tl.load(p_rows + k * stride_pk, mask=p_mask, other=0.0).to(tl.float32)
     b_ptrs = b_ptr + slot * stride_bs + (col0 + offs_n)[None, :] * stride_bn + offs_r[:, None]
     b = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
     acc = tl.dot(pr.to(b_ptr.dtype.element_ty), b, input_precision=PRECISION)
@@ -220,14 +229,11 @@ def csgmv_expand(
     chunk: int,
     y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """p [split_k, T, c·R] (sorted order), B [S, Σout, R] -> y [T, Σout]: the delta (y None;
-    zeros for tokens in no chunk) or y += delta in place. Returns y."""
-    check_tensor(p, "shrink partials", 3, (torch.float32,))
+    """p [split_k, T, c·R] (`csgmv_shrink`'s partials, sorted order) or [T, S·c·R] (a base
+    GEMM's shrink, token order; see `lora_token.shrink_layout`), B [S, Σout, R] -> y [T, Σout]:
+    the delta (y None; zeros for tokens in no chunk) or y += delta in place. Returns y."""
     check_tensor(B, "B", 3, FLOATS)
-    if not p.is_contiguous():
-        raise ValueError("shrink partials must be contiguous")
-    split_k, T, N = p.shape
-    R = check_out_sizes(out_sizes, B, N)
+    split_k, T, R, p_strides = shrink_layout(p, B, out_sizes)
     _check_segments(perm, chunk_start, chunk_slot, T, chunk)
     if y is None:
         y = torch.zeros(T, B.shape[1], dtype=B.dtype, device=B.device)
@@ -251,15 +257,15 @@ def csgmv_expand(
         chunk_start,
         chunk_slot,
         y,
-        T,
         R,
-        N,
         *sizes,
+        *p_strides,
         B.stride(0),
         B.stride(1),
         y.stride(0),
         CHUNK=chunk,
         SPLIT_K=split_k,
+        P_BY_TOKEN=p.dim() == 2,
         BLOCK_N=block_n,
         BLOCK_R=pow2(R),
         ACCUMULATE=accumulate,

@@ -22,7 +22,9 @@ Pointer layouts (element strides; the last dimension of every tensor must be con
   A       [S, N, K]           N = c·R (sub-projection i owns rows i·R … i·R+R), strides
                               (`stride_as`, `stride_an`, 1); embedding A: [S, R, V_local]
   slots   [T] int32/int64     slot of each token, -1: no adapter
-  P       [SPLIT_K, T, N]     fp32 shrink partials, contiguous
+  P       [SPLIT_K, T, N]     fp32 shrink partials, contiguous; or, for the expand, [T, S·N]
+                              from a base GEMM that computed every slot's shrink (strides
+                              `stride_pk`, `stride_pt`, `stride_ps`: split, token, slot)
   B       [S, Σout, R]        strides (`stride_bs`, `stride_bn`, 1)
   y       [T, Σout]           output, row stride `stride_yt`
 """
@@ -94,11 +96,13 @@ def _lora_expand_kernel(
     y_ptr,
     T,
     R,
-    N,
     OUT0,
     OUT1,
     OUT2,
     num_slots,
+    stride_pk,
+    stride_pt,
+    stride_ps,
     stride_bs,
     stride_bn,
     stride_yt,
@@ -125,10 +129,16 @@ def _lora_expand_kernel(
     n_mask = offs_n < width
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    p_rows = p_ptr + offs_m.to(tl.int64)[:, None] * N + (sl * R + offs_r)[None, :]
+    p_rows = (
+        p_ptr
+        + offs_m.to(tl.int64)[:, None] * stride_pt
+        + (slot * stride_ps)[:, None]
+        + (sl * R + offs_r)[None, :]
+    )
+    p_mask = (m_mask & (slot >= 0))[:, None] & r_mask[None, :]
     pr = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in tl.static_range(SPLIT_K):
-        pr += tl.load(p_rows + k * T * N, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        pr += tl.load(p_rows + k * stride_pk, mask=p_mask, other=0.0).to(tl.float32)
     pr = pr.to(b_ptr.dtype.element_ty)  # the rank-r activation, rounded like x A ᵀ would be
     lo = tl.min(tl.where(slot >= 0, slot, num_slots))  # slots present: lo..hi (none if all -1)
     hi = tl.max(slot)
@@ -224,6 +234,33 @@ def check_out_sizes(out_sizes: tuple[int, ...], B: torch.Tensor, rows_of_a: int)
     if rows_of_a != c * R:
         raise ValueError(f"A has {rows_of_a} rows for {c} sub-projection(s) of rank {R} in B")
     return R
+
+
+def shrink_layout(
+    p: torch.Tensor, B: torch.Tensor, out_sizes: tuple[int, ...]
+) -> tuple[int, int, int, tuple[int, int, int]]:
+    """(split_k, T, R, (stride_split, stride_token, stride_slot)) of an expand's input, one of:
+
+    - fp32 partials [split_k, T, c·R] from the shrink kernels (contiguous; row = token, or
+      sorted position for csgmv), summed over the split;
+    - [T, S·c·R] in B's dtype from a base GEMM whose weight carries every slot's A below its
+      own rows (`LinearBase.append_rows`): token t's slot-s shrink is columns s·c·R … (s+1)·c·R
+      of row t, any row stride.
+    """
+    S, c = B.shape[0], len(out_sizes)
+    if p.dim() == 3:
+        check_tensor(p, "shrink partials", 3, (torch.float32,))
+        if not p.is_contiguous():
+            raise ValueError("shrink partials must be contiguous")
+        split_k, T, N = p.shape
+        R = check_out_sizes(out_sizes, B, N)
+        return split_k, T, R, (T * N, N, 0)
+    check_tensor(p, "shrink (from the base GEMM)", 2, (B.dtype,))
+    N = p.shape[1] // S if S else 0
+    if N * S != p.shape[1]:
+        raise ValueError(f"shrink has {p.shape[1]} columns, not a multiple of {S} slots")
+    R = check_out_sizes(out_sizes, B, N)
+    return 1, p.shape[0], R, (0, p.stride(0), c * R)
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -326,14 +363,10 @@ def lora_expand(
     y: torch.Tensor | None = None,
     block_m: int | None = None,
 ) -> torch.Tensor:
-    """p [split_k, T, c·R] fp32, B [S, Σout, R] -> y [T, Σout]: the delta (y None, zeros where
-    slot < 0), or y += delta in place (y given). Returns y."""
-    check_tensor(p, "shrink partials", 3, (torch.float32,))
+    """p (a shrink operand, see `shrink_layout`), B [S, Σout, R] -> y [T, Σout]: the delta
+    (y None, zeros where slot < 0), or y += delta in place (y given). Returns y."""
     check_tensor(B, "B", 3, FLOATS)
-    split_k, T, N = p.shape
-    if not p.is_contiguous():
-        raise ValueError("shrink partials must be contiguous")
-    R = check_out_sizes(out_sizes, B, N)
+    split_k, T, R, p_strides = shrink_layout(p, B, out_sizes)
     check_slots(slots, T)
     if y is None:
         y = torch.empty(T, B.shape[1], dtype=B.dtype, device=B.device)
@@ -358,9 +391,9 @@ def lora_expand(
         y,
         T,
         R,
-        N,
         *sizes,
         B.shape[0],
+        *p_strides,
         B.stride(0),
         B.stride(1),
         y.stride(0),

@@ -8,7 +8,6 @@ tensor for this rank, so the weight loader never needs to know the layout.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,12 +39,18 @@ def copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
 
 class LinearBase(nn.Module):
     """`lora`, when set (by `lora/layers.py`), adds this layer's LoRA delta for the current
-    batch into the output in place (nothing when no request in it has an adapter)."""
+    batch into the output in place (nothing when no request in it has an adapter).
+
+    When the LoRA pool keeps this layer's A below the weight (`append_rows`), a LoRA batch's
+    GEMM multiplies by both: its output is [y | x·Aᵀ of every slot], and `lora.expand` adds
+    the rest into y, which is then a row-strided view (last dimension contiguous)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None):
         super().__init__()
-        self.lora: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        self.lora: Any = None  # lora.layers.LinearLoRAHook
         self.in_features, self.out_features = in_features, out_features  # local (this rank)
+        self.weight_ext: torch.Tensor | None = None  # [out + extra, in]; weight = its first rows
+        self.bias_ext: torch.Tensor | None = None
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, dtype=dtype), requires_grad=False
         )
@@ -59,7 +64,34 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         copy_checked(param, loaded, type(self).__name__)
 
+    def append_rows(self, n: int) -> torch.Tensor:
+        """Store `n` zero rows below the weight (and bias) and return them, [n, in]: the LoRA
+        pool's A of this layer lives there. `weight` stays a view of the first `out` rows, so
+        batches without LoRA multiply by exactly the bytes they did before."""
+        out = self.out_features
+        w = torch.zeros(
+            out + n, self.in_features, dtype=self.weight.dtype, device=self.weight.device
+        )
+        w[:out].copy_(self.weight.data)
+        self.weight.data, self.weight_ext = w[:out], w
+        if self.bias is not None:
+            b = torch.zeros(out + n, dtype=self.bias.dtype, device=self.bias.device)
+            b[:out].copy_(self.bias.data)
+            self.bias.data, self.bias_ext = b[:out], b
+        return w[out:]
+
+    def shrink_in_gemm(self, x: torch.Tensor) -> bool:
+        return self.weight_ext is not None and self.lora.shrink_in_gemm(x.shape[0])
+
+    def split_and_expand(self, full: torch.Tensor) -> torch.Tensor:
+        """[T, out + extra] GEMM output -> y [T, out] (a view) with the LoRA delta added."""
+        y, shrink = full.split([self.out_features, full.shape[-1] - self.out_features], dim=-1)
+        self.lora.expand(shrink, y)
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shrink_in_gemm(x):
+            return self.split_and_expand(F.linear(x, self.weight_ext, self.bias_ext))
         y = F.linear(x, self.weight, self.bias)
         if self.lora is not None:
             self.lora(x, y)
@@ -197,12 +229,18 @@ class RowParallelLinear(LinearBase):
         copy_checked(param, narrow(loaded, 1, self.tp_rank * n, n), type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        # this rank's LoRA partial joins the base partial, so one all-reduce sums both
-        if self.lora is not None:
-            self.lora(x, y)
-        if self.reduce_results:
-            y = tp_all_reduce(y)
+        if self.shrink_in_gemm(x):
+            full = F.linear(x, self.weight_ext)
+            if self.reduce_results:  # base and shrink partials in one all-reduce
+                full = tp_all_reduce(full)
+            y = self.split_and_expand(full)
+        else:
+            y = F.linear(x, self.weight)
+            # this rank's LoRA partial joins the base partial, so one all-reduce sums both
+            if self.lora is not None:
+                self.lora(x, y)
+            if self.reduce_results:
+                y = tp_all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y

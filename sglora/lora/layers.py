@@ -30,9 +30,35 @@ LAYER_MODULES = {
 }
 
 
+# --lora-shrink-in-gemm auto: a LoRA batch of at most this many tokens has its dense shrink
+# done by the base GEMM (A rows appended to the weight: one launch fewer per linear, the shrink
+# of every slot for S·c·R/out more bytes). Longer (prefill) batches are compute-bound: there the
+# GEMM would spend those columns' FLOPs on every slot, so the separate shrink (each token's own
+# slot only) runs.
+SHRINK_IN_GEMM_MAX_TOKENS = 1024
+# ... and only in layers whose appended rows are at most this fraction of their outputs
+SHRINK_IN_GEMM_MAX_EXTRA = 0.25
+
+
 class LinearLoRAHook:
     def __init__(self, manager: LoRAManager, buf: GroupBuffers):
         self.manager, self.buf = manager, buf
+        self.max_tokens = (
+            None if manager.args.lora_shrink_in_gemm == "on" else SHRINK_IN_GEMM_MAX_TOKENS
+        )
+
+    def shrink_in_gemm(self, num_tokens: int) -> bool:
+        """Whether this batch's shrink rides on the base GEMM (called only when A is there)."""
+        if self.manager.batch_info is None:
+            return False
+        return self.max_tokens is None or num_tokens <= self.max_tokens
+
+    def expand(self, shrink: torch.Tensor, y: torch.Tensor) -> None:
+        """y += the delta from the base GEMM's shrink columns [T, S·c·R], in place."""
+        info = self.manager.batch_info
+        self.manager.backend.apply_expand(
+            shrink, y, self.buf.B, self.buf.out_sizes, info.token_slots
+        )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += LoRA delta of x, in place."""
@@ -75,6 +101,14 @@ class LMHeadLoRAHook:
         )
 
 
+def shrink_rides_on_gemm(manager: LoRAManager, buf: GroupBuffers, out_features: int) -> bool:
+    mode = manager.args.lora_shrink_in_gemm
+    if mode == "off" or not manager.backend.expands_gemm_shrink:
+        return False
+    rows = buf.A.shape[0] * buf.A.shape[1]  # S·c·R
+    return mode == "on" or rows <= SHRINK_IN_GEMM_MAX_EXTRA * out_features
+
+
 def attach_lora(model: nn.Module, manager: LoRAManager) -> None:
     """Set the `lora` hook of every layer that has buffers in the slot pool."""
     for (layer, group), buf in manager.pool.buffers.items():
@@ -84,11 +118,14 @@ def attach_lora(model: nn.Module, manager: LoRAManager) -> None:
             else:
                 model.lm_head.lora = LMHeadLoRAHook(manager, buf)
         elif group in LAYER_MODULES:
-            model.layers[layer].get_submodule(LAYER_MODULES[group]).lora = LinearLoRAHook(
-                manager, buf
-            )
+            linear = model.layers[layer].get_submodule(LAYER_MODULES[group])
+            linear.lora = LinearLoRAHook(manager, buf)
+            if shrink_rides_on_gemm(manager, buf, linear.out_features):
+                buf.A = linear.append_rows(buf.A.shape[0] * buf.A.shape[1]).view(buf.A.shape)
     for i, layer in enumerate(model.layers):
         gate_up = manager.pool.buffers.get((i, "experts.gate_up_proj"))
         down = manager.pool.buffers.get((i, "experts.down_proj"))
         if gate_up is not None or down is not None:
             layer.mlp.experts.lora = ExpertLoRAHook(manager, gate_up, down)
+    if manager.device.type == "cuda":  # the weights' old storage, before the KV cache is sized
+        torch.cuda.empty_cache()

@@ -32,11 +32,12 @@ def engine(dtype: str, graphs: bool, **kw) -> Engine:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_graph_replay_equals_eager_in_mixed_batches(dtype):
+@pytest.mark.parametrize("shrink", ["auto", "on"])  # on: the tiny layers' shrink in the GEMM too
+def test_graph_replay_equals_eager_in_mixed_batches(dtype, shrink):
     prompts = random_prompts(1000, [5, 9, 17, 33, 12, 7, 21], seed=4)
     loras = [None, "attn", "experts", None, "attn_experts_rslora", "shared_outer", "attn"]
-    eager = engine(dtype, graphs=False)
-    graph = engine(dtype, graphs=True)
+    eager = engine(dtype, graphs=False, lora_shrink_in_gemm=shrink)
+    graph = engine(dtype, graphs=True, lora_shrink_in_gemm=shrink)
     assert graph.runner.graph_runner is not None
     assert "lora" in graph.runner.graph_runner.pools
     for loras_now in (loras, [None] * len(loras)):  # lora pool, then nolora pool
@@ -54,11 +55,12 @@ def assert_same_as_eager(graph: Engine, eager: Engine, prompts, loras, atol: flo
         torch.testing.assert_close(lg, lw, atol=atol, rtol=0)
 
 
-def test_pools_switch_step_to_step_and_decode_does_not_sync():
+@pytest.mark.parametrize("shrink", ["auto", "on"])
+def test_pools_switch_step_to_step_and_decode_does_not_sync(shrink):
     """A LoRA request finishes early: the batch moves from the lora pool to the nolora pool."""
     from sglora.messages import SamplingParams, TokenizedGenerateReq
 
-    g = engine("bfloat16", graphs=True)
+    g = engine("bfloat16", graphs=True, lora_shrink_in_gemm=shrink)
     runner, sched = g.runner, g.scheduler
     short = SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=0.0)
     long = SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=0.0)

@@ -1,6 +1,8 @@
 """The LoRA-vs-PEFT model check (tests/lora/test_lora_matches_peft.py) with each kernel backend
 forced on for the dense LoRA layers (attention, dense MLP, shared expert, embedding, lm_head):
-interpreted on CPU, compiled in float32 on CUDA."""
+interpreted on CPU, compiled in float32 on CUDA. `shrink="gemm"` has every dense linear's shrink
+computed by its base GEMM (`--lora-shrink-in-gemm on`: the pool's A rows appended to the
+weight), which `auto` would not do in the tiny models' narrow layers."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from sglora.engine import Engine
     # mistral: q/o widths (heads · head_dim 32) unlike hidden 64
     [("triton", "llama"), ("csgmv", "llama"), ("csgmv", "mistral"), ("csgmv", "qwen3_moe")],
 )
-def test_lora_backend_matches_peft(backend, family, monkeypatch):
+@pytest.mark.parametrize("shrink", ["kernel", "gemm"])
+def test_lora_backend_matches_peft(backend, family, shrink, monkeypatch):
     forced = {
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "dtype": "float32",
@@ -26,6 +29,7 @@ def test_lora_backend_matches_peft(backend, family, monkeypatch):
         # only the dense LoRA kernels under test; attention and expert LoRA have their own tests
         "attention_backend": "torch_native",
         "lora_moe_backend": "torch_native",
+        "lora_shrink_in_gemm": "on" if shrink == "gemm" else "off",
     }
     monkeypatch.setattr(peft_check, "Engine", lambda **kw: Engine(**{**kw, **forced}))
     peft_check.test_mixed_adapter_batch_matches_peft(family)

@@ -166,6 +166,38 @@ def test_csgmv_matches_reference(dtype, batch, chunk, accumulate):
     close(y, full if y0 is None else full + y0.double(), dtype)
 
 
+# ---- expand of a base GEMM's shrink -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", ["M1", "decode37", "prefill70", "base1"])
+@pytest.mark.parametrize("kernel", ["token", "csgmv"])
+def test_expand_of_gemm_shrink_matches_reference(dtype, batch, kernel):
+    """The base GEMM over [W; A of every slot] gives [y | x·Aᵀ per slot] (row-strided views);
+    the expand adds each token's own slot's columns through B into y, in place."""
+    from sglora.kernels.lora_csgmv import csgmv_expand
+    from sglora.kernels.lora_token import lora_expand
+
+    out_sizes = (40, 24, 24)
+    A, B = lora_buffers(out_sizes, dtype, seed=11)
+    seq_slots, lens, slots = ragged_batch(BATCHES[batch], seed=12)
+    if batch == "base1":
+        seq_slots, slots = [-1], torch.full_like(slots, -1)
+    T, N = slots.shape[0], A.shape[1]
+    x, W = randn(T, K, dtype=dtype, seed=13), randn(sum(out_sizes), K, dtype=dtype, seed=14)
+    full = x @ torch.cat([W, A.reshape(S * N, K)]).t()  # [T, Σout + S·N]
+    y, shrink = full.split([sum(out_sizes), S * N], dim=1)
+    base = y.double().clone()
+    own = shrink.reshape(T, S, N)[torch.arange(T), slots.clamp(min=0)]  # [T, N]
+    if kernel == "token":
+        lora_expand(shrink, B, out_sizes, slots, y, block_m=16)
+    else:
+        seg = build_segments(slots, seq_slots, lens, S, 16)
+        csgmv_expand(shrink, B, out_sizes, seg.perm, seg.chunk_start, seg.chunk_slot, 16, y=y)
+    close(y, lora_expand_ref(own, B, out_sizes, slots, base), dtype)
+    assert torch.equal(y[slots < 0].double(), base[slots < 0])  # no adapter: untouched
+
+
 # ---- backends vs torch_native ----------------------------------------------------------------
 
 
@@ -234,6 +266,10 @@ def test_launchers_reject_bad_inputs():
         lora_expand(p, B, (40, 24), slots)
     with pytest.raises(ValueError, match="y must be"):
         lora_expand(p, B, (40, 24, 24), slots, torch.zeros(5, 10, device=DEVICE))
+    with pytest.raises(ValueError, match="multiple of 4 slots"):  # a GEMM's shrink, cut short
+        lora_expand(torch.zeros(5, S * 3 * R - 1, device=DEVICE), B, (40, 24, 24), slots)
+    with pytest.raises(ValueError, match="shrink \\(from the base GEMM\\) must be"):
+        lora_expand(torch.zeros(5, S * 3 * R, device=DEVICE).half(), B, (40, 24, 24), slots)
     i32 = torch.zeros(6, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="chunk size"):
         csgmv_shrink(x, A, i32[:5], i32[:2], i32[:1], chunk=8)

@@ -104,6 +104,22 @@ def test_tp2_server_equals_tp1(family, tmp_path):
     assert info is not None
 
 
+def test_tp2_shrink_in_gemm_equals_tp1(tmp_path):
+    """The Triton dense LoRA kernels (interpreted) with every shrink done by the base GEMM: the
+    row-parallel o_proj/down all-reduce [base partial | shrink partial] as one tensor and expand
+    after it; TP2 still gives what one process with the PyTorch LoRA gives."""
+    family = "llama"
+    extra = ["--tp-size", "2", "--lora-backend", "triton", "--lora-shrink-in-gemm", "on"]
+    srv = start_server(
+        [*server_args(family), *extra], tmp_path / "server.log", env={"TRITON_INTERPRET": "1"}
+    )
+    try:
+        got = served_results(srv.url, family)
+    finally:
+        assert srv.stop() == 0, srv.log()
+    assert_same(got, tp1_results(family), f"{family} TP2, shrink in the GEMM")
+
+
 def test_two_node_launch_equals_tp1(tmp_path):
     """Two launchers on loopback, one rank each: node 1 runs its rank without HTTP."""
     family = "qwen3_moe"

@@ -33,6 +33,9 @@ class LoRABackend(ABC):
     # True when a forward reads only device tensors of fixed shape (no host data, no syncs),
     # so it can be captured in a CUDA graph and replayed after `prepare_replay`.
     graph_safe: bool = False
+    # True when `apply_expand` takes the shrink from the base GEMM (the pool's A rows appended
+    # to the weight, `LinearBase.append_rows`): one launch per linear instead of two
+    expands_gemm_shrink: bool = False
 
     def __init__(self, args: ServerArgs | None = None) -> None:
         self.args = args
@@ -70,6 +73,18 @@ class LoRABackend(ABC):
     ) -> None:
         """y [T, Σout] += linear_delta(...), in place; kernel backends skip the delta tensor."""
         y += self.linear_delta(x, A, B, out_sizes, slots, active)
+
+    def apply_expand(
+        self,
+        shrink: torch.Tensor,
+        y: torch.Tensor,
+        B: torch.Tensor,
+        out_sizes: tuple[int, ...],
+        slots: torch.Tensor,
+    ) -> None:
+        """y [T, Σout] += Σ_i shrink[t, slot·c·R + i·R …][:R] B_i[slot]ᵀ, in place: the expand
+        of a shrink [T, S·c·R] that the base GEMM computed for every slot."""
+        raise NotImplementedError(f"{type(self).__name__} does not expand a GEMM's shrink")
 
     @abstractmethod
     def embedding_delta(

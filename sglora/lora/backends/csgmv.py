@@ -1,5 +1,6 @@
 """Chunked-SGMV LoRA backend: the batch's tokens grouped by slot into chunks once per batch,
-then one shrink and one expand launch per linear (between the LoRA layers and
+then one shrink and one expand launch per linear, or only the expand when the base GEMM
+computed the shrink (`--lora-shrink-in-gemm`) (between the LoRA layers and
 `kernels/lora_csgmv.py`).
 
 `prepare` sorts the tokens of requests with an adapter by slot on the host (seq slots and
@@ -124,6 +125,16 @@ class CSGMVLoRABackend(TritonLoRABackend):
         if self._segments_for(slots) is None:
             return super().linear_delta(x, A, B, out_sizes, slots, active)
         return self._run(x, None, A, B, out_sizes, slots)
+
+    def apply_expand(self, shrink, y, B, out_sizes, slots) -> None:
+        from sglora.kernels.lora_csgmv import csgmv_expand
+
+        seg = self._segments_for(slots)
+        if seg is None:
+            super().apply_expand(shrink, y, B, out_sizes, slots)
+        else:
+            args = (seg.perm, seg.chunk_start, seg.chunk_slot, seg.chunk)
+            csgmv_expand(shrink, B, tuple(out_sizes), *args, y=y)
 
     def apply_linear(self, x, y, A, B, out_sizes, slots, active) -> None:
         if self._segments_for(slots) is None:
