@@ -340,28 +340,55 @@ def moe_down(
 
 
 @triton.jit
-def _topk_sum_kernel(in_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t, :] = Σ_j in[t, j, :] in float32: one program per (token, BLOCK_H columns)."""
+def _topk_sum_kernel(
+    in_ptr, out_ptr, delta_ptr, w_ptr, slots_ptr, H,
+    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, HAS_DELTA: tl.constexpr,
+):  # fmt: skip
+    """out[t, :] = Σ_j in[t, j, :] (+ w[t, j] · Δ[t·k + j, :] when token t has an adapter), in
+    float32: one program per (token, BLOCK_H columns)."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = offs < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         acc += tl.load(in_ptr + (t * TOP_K + j) * H + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        if tl.load(slots_ptr + t) >= 0:  # rows of tokens without an adapter were never written
+            for j in tl.static_range(TOP_K):
+                w = tl.load(w_ptr + t * TOP_K + j).to(tl.float32)
+                d = tl.load(delta_ptr + (t * TOP_K + j) * H + offs, mask=ok, other=0.0)
+                acc += w * d.to(tl.float32)
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def moe_sum(out_pairs: torch.Tensor) -> torch.Tensor:
-    """[M, k, H] -> [M, H]: the top-k reduction, one pass, no atomics."""
+def moe_sum(
+    out_pairs: torch.Tensor,
+    delta: torch.Tensor | None = None,
+    topk_weights: torch.Tensor | None = None,
+    token_slots: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[M, k, H] -> [M, H]: the top-k reduction, one pass, no atomics. With `delta` [M·k, H]
+    (the down projection's expert-LoRA delta, unweighted; rows of tokens whose `token_slots`
+    is -1 are not read), adds Σ_j topk_weights[t, j] · delta[t·k + j] to each token."""
     m, k, hidden = out_pairs.shape
-    if k == 1:
+    if k == 1 and delta is None:
         return out_pairs[:, 0]
     out = torch.empty(m, hidden, dtype=out_pairs.dtype, device=out_pairs.device)
     block_h = min(1024, triton.next_power_of_2(hidden))
+    if delta is None:
+        delta_args = (out_pairs, out_pairs, out_pairs)  # never read
+    else:
+        check_shape("delta", delta, (m * k, hidden))
+        check_shape("topk_weights", topk_weights, (m, k))
+        check_shape("token_slots", token_slots, (m,))
+        if not (delta.is_contiguous() and topk_weights.is_contiguous()):
+            raise ValueError("delta and topk_weights must be contiguous")
+        delta_args = (delta, topk_weights, token_slots)
     if m:
         _topk_sum_kernel[(m, triton.cdiv(hidden, block_h))](
-            out_pairs, out, hidden, TOP_K=k, BLOCK_H=block_h, num_warps=4
-        )
+            out_pairs, out, *delta_args, hidden, TOP_K=k, BLOCK_H=block_h,
+            HAS_DELTA=delta is not None, num_warps=4,
+        )  # fmt: skip
     return out
 
 

@@ -9,7 +9,8 @@ sub-projection i (gate_up: 0 gate, 1 up; down: 0), input row v_p (x[t] or h[p]):
 Scaling is folded into B; smaller ranks are zero-padded to R; with expert dim 1 (shared-outer
 A or B) every expert reads index 0 (expert stride 0). gate and up have their own A: the shrink
 reads the stacked [2R, H] A once and writes [P, 2R]. Δ is added before the activation (gate_up)
-and before the routing weight (down). Per LoRAConfig.expand_in_epilogue (tuned per M) either
+and weighted by the routing weight (down: in the base epilogue, or, when written, in the top-k
+sum). Per LoRAConfig.expand_in_epilogue (tuned per M) either
 the shrink writes s and the expand runs inside the base kernels' epilogue (small M;
 fused_moe.py), or Δ is written first: for virtual experts by `_shrink_expand_kernel` (shrink and
 expand of a block in one program, s in registers), for the per-slot grouping by `_shrink_kernel`
@@ -393,5 +394,10 @@ def moe_lora_forward(
         return LoRAExpand(None, w.B, token_slots, delta)
 
     h = moe_gate_up(x, w13, base, k, cfg.gate_up, activation, epilogue(x, gate_up, True))
-    out = moe_down(h, w2, base, topk_weights, cfg.down, epilogue(h, down, False))
-    return moe_sum(out)
+    down_lora = epilogue(h, down, False)
+    if down_lora is not None and down_lora.delta is not None:
+        # a written down delta joins the top-k sum, which streams it with the pairs' outputs,
+        # rather than the down GEMM's epilogue, where its load after the K loop is exposed
+        out = moe_down(h, w2, base, topk_weights, cfg.down)
+        return moe_sum(out, down_lora.delta, topk_weights, token_slots)
+    return moe_sum(moe_down(h, w2, base, topk_weights, cfg.down, down_lora))
