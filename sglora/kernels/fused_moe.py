@@ -8,11 +8,13 @@ with MoE-LoRA the slot a = slot[t] (-1: none) and the shrink s of moe_lora.py:
   h[p]   = act(g) · u
   o[p]   = w_p · (h[p] W_down[e]ᵀ + s2[p] B2[a, e]ᵀ)                                  (down)
   y[t]   = Σ_j o[t·k + j]                                                     (top-k sum kernel)
-The LoRA term enters in the epilogue of the base tile, in one of two ways (LoRAConfig.
-expand_in_epilogue, tuned per M): the delta Δ written by moe_lora's expand kernel is added
-(large M: many slots per tile), or the expand runs here, one [BLOCK_M, R] × [R, BLOCK_N] dot
-per slot present among the tile's rows (small M: one or two slots per tile, two launches and
-the [P, 2I] / [P, H] delta round trips saved; with many slots its B loads serialise).
+The LoRA term enters in one of two ways (LoRAConfig.expand_in_epilogue, tuned per M): the expand
+runs in the base tile's epilogue, one [BLOCK_M, R] × [R, BLOCK_N] dot per slot present among
+the tile's rows (small M: one or two slots per tile, two launches and the [P, 2I] / [P, H]
+delta round trips saved; with many slots its B loads serialise), or moe_lora's kernels write
+the deltas (large M): Δ13 is added in the gate_up epilogue (before the activation) and Δ2 by
+the top-k sum, y[t] += Σ_j w_p · Δ2[p], which streams it instead of loading it after the down
+GEMM's K loop.
 
 Each program computes a BLOCK_M × BLOCK_N tile of one block of `sorted_ids` (all rows of one
 expert, padding rows masked); gate and up tiles of the same columns share the x tile, so the
@@ -318,7 +320,10 @@ def moe_down(
     cfg: GemmConfig,
     lora: LoRAExpand | None = None,
 ) -> torch.Tensor:
-    """out_pairs [M, k, H] = w_p · (h W_down[e]ᵀ + LoRA delta) of every pair."""
+    """out_pairs [M, k, H] = w_p · (h W_down[e]ᵀ + LoRA delta) of every pair; `lora` carries
+    shrink partials to expand here (a written Δ2 goes to `moe_sum` instead)."""
+    if lora is not None and lora.delta is not None:
+        raise ValueError("moe_down expands shrink partials; a written down delta goes to moe_sum")
     p, hidden, inter = align.num_pairs, w2.shape[1], w2.shape[2]
     m, k = topk_weights.shape
     _check_lora("down", lora, p, 1, hidden, w2.shape[0], h)
