@@ -44,6 +44,7 @@ from sglora.kernels.fused_moe import (
     moe_gate_up,
     moe_sum,
 )
+from sglora.kernels.lora_token import num_sms
 from sglora.kernels.moe_align import MoEAlignment, moe_align, moe_align_base_and_virtual
 from sglora.kernels.moe_common import (
     LoRAConfig,
@@ -168,19 +169,24 @@ def _expand_kernel(
 @triton.jit
 def _shrink_expand_kernel(
     in_ptr, a_ptr, b_ptr, d_ptr, sorted_ids_ptr, block_group_ptr,
-    num_pairs, top_k, E, K, R, N_SUB,
+    num_pairs, top_k, E, K, R, N_SUB, N_PART,
     stride_in, stride_as, stride_ae, stride_ar, stride_bs, stride_be, stride_bn, stride_dm,
-    SUBS: tl.constexpr, IN_PER_TOKEN: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUBS: tl.constexpr, N_PARTS: tl.constexpr, IN_PER_TOKEN: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Δ rows of one virtual-expert block in one program: s_i = v A[a, e][i·R : i·R+R]ᵀ over
     the whole input dim, kept in registers, then Δ[:, i·N + n] = s_i B[a, e][i·N + n]ᵀ tile by
-    tile, for the SUBS (1 or 2) sub-projections. Each (adapter, expert) pair's A and B are
-    streamed once by one program: no fp32 partials, no second launch."""
+    tile. Program (b, j) takes SUBS sub-projections from i0 = j // N_PARTS (both of gate_up, or
+    one) and output columns [part·N_PART, (part+1)·N_PART) of each, part = j % N_PARTS. With one
+    program per block each (adapter, expert) pair's A and B are streamed once; few blocks (small
+    M) spread over more programs instead, re-reading a small A per part."""
     pid_m = tl.program_id(0)
     g = tl.load(block_group_ptr + pid_m)
     if g < 0:  # past the used blocks
         return
+    i0 = tl.program_id(1) // N_PARTS
+    n_lo = (tl.program_id(1) % N_PARTS) * N_PART
     slot, e, rows, ok = _block(
         sorted_ids_ptr, sorted_ids_ptr, g, pid_m, 0, num_pairs, top_k, E, True, BLOCK_M
     )
@@ -192,7 +198,7 @@ def _shrink_expand_kernel(
     r_ok = offs_r < R
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = in_ptr + in_rows[:, None] * stride_in + offs_k[None, :]
-    a_ptrs = a_ptr + slot * stride_as + e * stride_ae + offs_r[None, :] * stride_ar
+    a_ptrs = a_ptr + slot * stride_as + e * stride_ae + (i0 * R + offs_r)[None, :] * stride_ar
     a_ptrs += offs_k[:, None]
     s0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     s1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -209,13 +215,13 @@ def _shrink_expand_kernel(
     dt = d_ptr.dtype.element_ty
     s0_lo = s0.to(dt)  # the shrink rounded once, as a separate GEMM would round it
     s1_lo = s1.to(dt)
-    offs_n = tl.arange(0, BLOCK_N)
-    b_ptrs = (
-        b_ptr + slot * stride_bs + e * stride_be + offs_r[:, None] + offs_n[None, :] * stride_bn
-    )
-    d_ptrs = d_ptr + rows[:, None] * stride_dm + offs_n[None, :]
-    for n0 in range(0, N_SUB, BLOCK_N):
-        n_ok = offs_n < N_SUB - n0
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
+    n_hi = tl.minimum(n_lo + N_PART, N_SUB)
+    col = i0 * N_SUB + offs_n
+    b_ptrs = b_ptr + slot * stride_bs + e * stride_be + offs_r[:, None] + col[None, :] * stride_bn
+    d_ptrs = d_ptr + rows[:, None] * stride_dm + col[None, :]
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        n_ok = offs_n < n_hi - (n0 - n_lo)
         b_ok = r_ok[:, None] & n_ok[None, :]
         d_ok = ok[:, None] & n_ok[None, :]
         d = tl.dot(s0_lo, tl.load(b_ptrs, mask=b_ok, other=0.0), input_precision=DOT_PREC)
@@ -226,6 +232,17 @@ def _shrink_expand_kernel(
             tl.store(d_ptrs + N_SUB, d1.to(dt), mask=d_ok)
         b_ptrs += BLOCK_N * stride_bn
         d_ptrs += BLOCK_N
+
+
+def shrink_expand_programs(num_pairs: int, subs: int, device: torch.device) -> tuple[int, int]:
+    """(sub-projections per program, output parts) of `_shrink_expand_kernel`. While there are
+    no more (adapter, expert) blocks than SMs (small M), one program per block leaves SMs idle
+    and each streams its pair's A and B alone: then each sub-projection (gate, up) gets its own
+    program, and a single one (down) is cut into two output halves. Otherwise one program
+    per block reads every byte once (splitting measured no faster from bs 64, H200)."""
+    if num_pairs > num_sms(device):
+        return subs, 1
+    return 1, 2 if subs == 1 else 1
 
 
 def _check_lora(what: str, w: ExpertLoRA, subs: int, in_dim: int, out_sub: int, ref, e: int):
@@ -326,12 +343,16 @@ def lora_shrink_expand(
     n_sub = w.B.shape[2] // subs
     p = align.num_pairs
     delta = torch.empty(p, subs * n_sub, dtype=inp.dtype, device=inp.device)
-    _shrink_expand_kernel[(align.block_group.shape[0],)](
+    per_program, parts = shrink_expand_programs(p, subs, inp.device)
+    n_part = triton.cdiv(triton.cdiv(n_sub, parts), cfg.block_n) * cfg.block_n
+    grid = (align.block_group.shape[0], subs // per_program * parts)
+    _shrink_expand_kernel[grid](
         inp, w.A, w.B, delta, align.sorted_ids, align.block_group,
-        p, top_k, num_experts, k, r, n_sub,
+        p, top_k, num_experts, k, r, n_sub, n_part,
         inp.stride(0), w.A.stride(0), w.A.stride(1) if w.A.shape[1] > 1 else 0, w.A.stride(2),
         w.B.stride(0), w.B.stride(1) if w.B.shape[1] > 1 else 0, w.B.stride(2), delta.stride(0),
-        SUBS=subs, IN_PER_TOKEN=in_per_token, DOT_PREC=dot_precision(inp.dtype),
+        SUBS=per_program, N_PARTS=parts, IN_PER_TOKEN=in_per_token,
+        DOT_PREC=dot_precision(inp.dtype),
         BLOCK_M=align.block_m, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_K=cfg.block_k,
         BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -124,3 +124,15 @@ def test_moe_lora_rejects_bad_buffers(bad, msg):
     gu = expert_lora(2, 32, 16, 4, 4, torch.float32, seed=1)
     with pytest.raises(ValueError, match=msg):
         moe_lora_forward(x, w13, w2, tw, ti, token_slots(4, 0), bad(gu), None)
+
+
+@pytest.mark.parametrize("programs", [(1, 1), (1, 2), (1, 3)], ids=["per_sub", "halves", "thirds"])
+@pytest.mark.parametrize("shared_outer", [False, True])
+def test_shrink_expand_split_over_programs(programs, shared_outer, monkeypatch):
+    """The one-launch shrink+expand with each sub-projection in its own program and the output
+    cut into parts (what small M gets on a GPU) computes the same deltas."""
+    import sglora.kernels.moe_lora as ml
+
+    per_program, parts = programs
+    monkeypatch.setattr(ml, "shrink_expand_programs", lambda p, subs, dev: (per_program, parts))
+    run_case(13, 48, 40, 8, 3, DTYPES[-1], True, "split", shared_outer)
