@@ -358,11 +358,13 @@ def _topk_sum_kernel(
     for j in tl.static_range(TOP_K):
         acc += tl.load(in_ptr + (t * TOP_K + j) * H + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_DELTA:
-        if tl.load(slots_ptr + t) >= 0:  # rows of tokens without an adapter were never written
-            for j in tl.static_range(TOP_K):
-                w = tl.load(w_ptr + t * TOP_K + j).to(tl.float32)
-                d = tl.load(delta_ptr + (t * TOP_K + j) * H + offs, mask=ok, other=0.0)
-                acc += w * d.to(tl.float32)
+        # a mask, not a branch, so the delta loads issue with the pairs' loads; rows of tokens
+        # without an adapter were never written and are not read
+        d_ok = ok & (tl.load(slots_ptr + t) >= 0)
+        for j in tl.static_range(TOP_K):
+            w = tl.load(w_ptr + t * TOP_K + j).to(tl.float32)
+            d = tl.load(delta_ptr + (t * TOP_K + j) * H + offs, mask=d_ok, other=0.0)
+            acc += w * d.to(tl.float32)
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
