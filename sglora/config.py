@@ -193,7 +193,7 @@ class ServerArgs:
         "auto",
         "Dense LoRA with the triton/csgmv backends: store every slot's A below the base weight so "
         "the base GEMM also computes the shrink x·Aᵀ, leaving one LoRA launch (the expand) per "
-        "linear. 'auto': layers whose appended rows are at most a quarter of their outputs, in "
+        "linear. 'auto': layers whose appended rows are at most half their outputs, in "
         "batches of at most 1024 tokens (decode; longer prefills run the separate shrink); "
         "'on': every layer and batch; 'off': separate shrink kernels.",
         ("auto", "on", "off"),

@@ -36,8 +36,11 @@ LAYER_MODULES = {
 # GEMM would spend those columns' FLOPs on every slot, so the separate shrink (each token's own
 # slot only) runs.
 SHRINK_IN_GEMM_MAX_TOKENS = 1024
-# ... and only in layers whose appended rows are at most this fraction of their outputs
-SHRINK_IN_GEMM_MAX_EXTRA = 0.25
+# ... and only in layers whose appended rows are at most this fraction of their outputs: each
+# 10% of rows costs a one-token q/k/v GEMM ~0.75 us (H200, 21 MB in ~7.5 us), a separate shrink
+# launch ~4-5 us (`lora_shrink_in_gemm_h200.log`), so half is on the safe side of break-even
+# (8 slots at rank 64 add 30% to q/k/v, 25% to o_proj)
+SHRINK_IN_GEMM_MAX_EXTRA = 0.5
 
 
 class LinearLoRAHook:
