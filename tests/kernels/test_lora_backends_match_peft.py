@@ -15,8 +15,15 @@ from sglora.engine import Engine
 
 @pytest.mark.parametrize(
     "backend, family",
-    # mistral: q/o widths (heads · head_dim 32) unlike hidden 64
-    [("triton", "llama"), ("csgmv", "llama"), ("csgmv", "mistral"), ("csgmv", "qwen3_moe")],
+    # mistral: q/o widths (heads · head_dim 32) unlike hidden 64; qwen2: q/k/v bias (the GEMM
+    # with the A rows appended adds it through the zero-extended bias)
+    [
+        ("triton", "llama"),
+        ("csgmv", "llama"),
+        ("csgmv", "mistral"),
+        ("csgmv", "qwen3_moe"),
+        ("triton", "qwen2"),
+    ],
 )
 @pytest.mark.parametrize("shrink", ["kernel", "gemm"])
 def test_lora_backend_matches_peft(backend, family, shrink, monkeypatch):
