@@ -247,7 +247,7 @@ def shrink_layout(
       own rows (`LinearBase.append_rows`): token t's slot-s shrink is columns s·c·R … (s+1)·c·R
       of row t, any row stride.
     """
-    S, c = B.shape[0], len(out_sizes)
+    S = B.shape[0]
     if p.dim() == 3:
         check_tensor(p, "shrink partials", 3, (torch.float32,))
         if not p.is_contiguous():
@@ -259,8 +259,8 @@ def shrink_layout(
     N = p.shape[1] // S if S else 0
     if N * S != p.shape[1]:
         raise ValueError(f"shrink has {p.shape[1]} columns, not a multiple of {S} slots")
-    R = check_out_sizes(out_sizes, B, N)
-    return 1, p.shape[0], R, (0, p.stride(0), c * R)
+    R = check_out_sizes(out_sizes, B, N)  # N = c·R: one slot's columns
+    return 1, p.shape[0], R, (0, p.stride(0), N)
 
 
 def precision(dtype: torch.dtype) -> str:
