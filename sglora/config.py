@@ -137,6 +137,12 @@ class ServerArgs:
         "them for batches where no request has an adapter (off: such batches replay the LoRA "
         "graphs with every slot empty, as a single-pool server does).",
     )
+    disable_pdl: bool = _arg(
+        False,
+        "Capture the decode CUDA graphs without programmatic dependent launch (Hopper and "
+        "newer; by default graphs of up to 128 requests launch each Triton kernel while the "
+        "previous one finishes, the kernel waiting on the device for its inputs).",
+    )
     attention_backend: str = _arg(
         "auto",
         "Attention kernels over the paged KV cache ('auto': triton on CUDA, torch_native on "

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from sglora.kernels.moe_common import KERNEL_DTYPES, activation_id, check_tensor
+from sglora.kernels.pdl import pdl_launch, pdl_wait
 
 
 @triton.jit
@@ -39,7 +40,9 @@ def apply_act(g, ACT: tl.constexpr):
 def _act_and_mul_kernel(
     x_ptr, out_ptr, M, I, stride_x,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(USE_PDL)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < I)[None, :]
@@ -67,5 +70,6 @@ def act_and_mul(x: torch.Tensor, act: str = "silu") -> torch.Tensor:
     _act_and_mul_kernel[grid](
         x, out, m, inter, x.stride(0), ACT=activation_id(act), BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=4,
+        **pdl_launch(x.device),
     )  # fmt: skip
     return out

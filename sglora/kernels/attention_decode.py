@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sglora.kernels.pdl import pdl_launch, pdl_wait
+
 LOG2E = 1.4426950408889634
 
 
@@ -74,7 +76,9 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -146,7 +150,9 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     n_splits = tl.load(NumSplits + b)
@@ -263,6 +269,7 @@ def decode_attention(
         PRECISION=precision,
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_launch(q.device),
     )
     _decode_reduce_kernel[(bs, hq)](
         mid_o,
@@ -280,6 +287,7 @@ def decode_attention(
         BLOCK_S=triton.next_power_of_2(max_kv_splits),
         BLOCK_D=block_d,
         num_warps=4 if block_d >= 128 else 2,
+        **pdl_launch(mid_o.device),
     )
     return out
 

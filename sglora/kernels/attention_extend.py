@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sglora.kernels.pdl import pdl_launch, pdl_wait
+
 LOG2E = 1.4426950408889634
 
 
@@ -113,7 +115,9 @@ def _extend_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     mb = tl.program_id(2)
@@ -232,5 +236,6 @@ def extend_attention(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_launch(q.device),
     )
     return out

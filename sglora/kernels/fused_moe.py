@@ -47,6 +47,7 @@ from sglora.kernels.moe_common import (
     dot_precision,
     get_moe_config,
 )
+from sglora.kernels.pdl import pdl_launch, pdl_wait
 
 
 @triton.jit
@@ -74,39 +75,64 @@ def _tile_rows(
 
 
 @triton.jit
-def _lora_epilogue(
-    acc, s_ptr, b_ptr, d_ptr, rows, slot, e, offs_n, n_ok, R, SPLIT, s_col, b_row,
-    stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
+def _lora_prefetch(
+    s_ptr, b_ptr, rows, slot, e, offs_n, n_ok, R, SPLIT, s_col, b_row,
+    stride_ss, stride_sm, stride_bs, stride_be, stride_bn,
     DELTA: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """What the expand of `_lora_epilogue` reads that does not depend on the base K loop, loaded
+    before it so that the loads' latency hides behind the weight stream (the epilogue then
+    waits on no dependent chain slot -> shrink -> B): the tile rows' shrink s[rows, s_col :
+    s_col+R] summed over the SPLIT partials and rounded, the range [lo, hi] of the slots
+    present, and B[lo, e, b_row + offs_n, :R] of the first. Placeholders with DELTA."""
+    has = slot >= 0
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    lo = tl.min(tl.where(has, slot, NUM_SLOTS), 0).to(tl.int32)
+    hi = tl.max(tl.where(has, slot, -1), 0).to(tl.int32)
+    sv = tl.zeros((BLOCK_M, BLOCK_R), dtype=b_ptr.dtype.element_ty)
+    b_lo = tl.zeros((BLOCK_R, offs_n.shape[0]), dtype=b_ptr.dtype.element_ty)
+    if not DELTA:
+        s_ptrs = s_ptr + rows[:, None] * stride_sm + (s_col + offs_r)[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for _ in range(0, SPLIT):
+            acc += tl.load(s_ptrs, mask=has[:, None] & r_ok[None, :], other=0.0)
+            s_ptrs += stride_ss
+        sv = acc.to(b_ptr.dtype.element_ty)  # rounded once, as a separate GEMM would round it
+        b_ptrs = b_ptr + lo.to(tl.int64) * stride_bs + e * stride_be + offs_r[:, None]
+        b_ok = (lo < NUM_SLOTS) & r_ok[:, None] & n_ok[None, :]
+        b_lo = tl.load(b_ptrs + (b_row + offs_n)[None, :] * stride_bn, mask=b_ok, other=0.0)
+    return sv, lo, hi, b_lo
+
+
+@triton.jit
+def _lora_epilogue(
+    acc, sv, lo, hi, b_lo, d_ptr, b_ptr, rows, slot, e, offs_n, n_ok, R, b_row,
+    stride_bs, stride_be, stride_bn, stride_dm,
+    DELTA: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     """acc [BM, BN] += the LoRA delta of each row with an adapter (slot >= 0).
 
-    DELTA: read Δ[rows, b_row + offs_n] written by moe_lora's expand kernel. Else expand here:
-    s[rows, s_col : s_col+R] B[slot_row, e, b_row + offs_n, :R]ᵀ, one dot per slot present
-    among the tile's rows (rows of other slots masked), summing the SPLIT shrink partials."""
+    DELTA: read Δ[rows, b_row + offs_n] written by moe_lora's expand kernel. Else expand here
+    from `_lora_prefetch`'s (sv, lo, hi, b_lo): s B[slot_row, e, b_row + offs_n, :R]ᵀ, one dot
+    per slot present among the tile's rows (rows of other slots masked)."""
     has = slot >= 0
     if DELTA:
         d_ptrs = d_ptr + rows[:, None] * stride_dm + (b_row + offs_n)[None, :]
         acc += tl.load(d_ptrs, mask=has[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     else:
+        none = tl.zeros_like(sv)
+        if lo <= hi:
+            acc += tl.dot(tl.where((slot == lo)[:, None], sv, none), b_lo, input_precision=DOT_PREC)
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
-        s_ptrs = s_ptr + rows[:, None] * stride_sm + (s_col + offs_r)[None, :]
-        sv = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for _ in range(0, SPLIT):
-            sv += tl.load(s_ptrs, mask=has[:, None] & r_ok[None, :], other=0.0)
-            s_ptrs += stride_ss
-        sv = sv.to(b_ptr.dtype.element_ty)  # rounded once, as a separate GEMM would round it
         b_ptrs = b_ptr + e * stride_be + offs_r[:, None] + (b_row + offs_n)[None, :] * stride_bn
-        lo = tl.min(tl.where(has, slot, NUM_SLOTS), 0).to(tl.int32)  # slots of the tile's rows
-        hi = tl.max(tl.where(has, slot, -1), 0).to(tl.int32)
-        for a in range(lo, hi + 1):
+        for a in range(lo + 1, hi + 1):
             mine = slot == a
             if tl.max(mine.to(tl.int32), 0) > 0:
                 b = tl.load(b_ptrs + a * stride_bs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-                sa = tl.where(mine[:, None], sv, tl.zeros_like(sv))
-                acc += tl.dot(sa, b, input_precision=DOT_PREC)
+                acc += tl.dot(tl.where(mine[:, None], sv, none), b, input_precision=DOT_PREC)
     return acc
 
 
@@ -119,7 +145,9 @@ def _gate_up_kernel(
     ACT: tl.constexpr, HAS_LORA: tl.constexpr, DELTA: tl.constexpr, NUM_SLOTS: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(USE_PDL)
     num_pid_n = tl.cdiv(I, BLOCK_N)
     pid_n, e, rows = _tile_rows(
         sorted_ids_ptr, block_group_ptr, num_pid_m, num_pid_n, GROUP_M, BLOCK_M
@@ -134,6 +162,20 @@ def _gate_up_kernel(
     a_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
     g_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
     u_ptrs = g_ptrs + I * stride_wn
+    rows64 = rows.to(tl.int64)
+    if HAS_LORA:
+        e_b = e.to(tl.int64)
+        slot = tl.load(slots_ptr + tok, mask=row_ok, other=-1)
+        sv_g, lo, hi, b_g = _lora_prefetch(
+            s_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, SPLIT, 0, 0,
+            stride_ss, stride_sm, stride_bs, stride_be, stride_bn,
+            DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R,
+        )  # fmt: skip
+        sv_u, lo, hi, b_u = _lora_prefetch(
+            s_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, SPLIT, R, I,
+            stride_ss, stride_sm, stride_bs, stride_be, stride_bn,
+            DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R,
+        )  # fmt: skip
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -151,19 +193,14 @@ def _gate_up_kernel(
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
-    rows64 = rows.to(tl.int64)
     if HAS_LORA:
-        slot = tl.load(slots_ptr + tok, mask=row_ok, other=-1)
-        e_b = e.to(tl.int64)
         acc_g = _lora_epilogue(
-            acc_g, s_ptr, b_ptr, d_ptr, rows64, slot, e_b, offs_n, n_ok, R, SPLIT, 0, 0,
-            stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
-            DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R, DOT_PREC,
+            acc_g, sv_g, lo, hi, b_g, d_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, 0,
+            stride_bs, stride_be, stride_bn, stride_dm, DELTA, BLOCK_R, DOT_PREC,
         )  # fmt: skip
         acc_u = _lora_epilogue(
-            acc_u, s_ptr, b_ptr, d_ptr, rows64, slot, e_b, offs_n, n_ok, R, SPLIT, R, I,
-            stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
-            DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R, DOT_PREC,
+            acc_u, sv_u, lo, hi, b_u, d_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, I,
+            stride_bs, stride_be, stride_bn, stride_dm, DELTA, BLOCK_R, DOT_PREC,
         )  # fmt: skip
     h = _gated_act(acc_g, acc_u, ACT)
     h_ptrs = h_ptr + rows64[:, None] * stride_hm + offs_n[None, :]
@@ -179,7 +216,9 @@ def _down_kernel(
     HAS_LORA: tl.constexpr, DELTA: tl.constexpr, NUM_SLOTS: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(USE_PDL)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_n, e, rows = _tile_rows(
         sorted_ids_ptr, block_group_ptr, num_pid_m, num_pid_n, GROUP_M, BLOCK_M
@@ -193,6 +232,15 @@ def _down_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rows64[:, None] * stride_hm + offs_k[None, :]
     b_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+    w = tl.load(tw_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_LORA:
+        slot = tl.load(slots_ptr + rows64 // top_k, mask=row_ok, other=-1)
+        e_b = e.to(tl.int64)
+        sv, lo, hi, b_lo = _lora_prefetch(
+            s_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, SPLIT, 0, 0,
+            stride_ss, stride_sm, stride_bs, stride_be, stride_bn,
+            DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R,
+        )  # fmt: skip
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
@@ -206,13 +254,10 @@ def _down_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if HAS_LORA:
-        slot = tl.load(slots_ptr + rows64 // top_k, mask=row_ok, other=-1)
         acc = _lora_epilogue(
-            acc, s_ptr, b_ptr, d_ptr, rows64, slot, e.to(tl.int64), offs_n, n_ok, R, SPLIT,
-            0, 0, stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
-            DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R, DOT_PREC,
+            acc, sv, lo, hi, b_lo, d_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, 0,
+            stride_bs, stride_be, stride_bn, stride_dm, DELTA, BLOCK_R, DOT_PREC,
         )  # fmt: skip
-    w = tl.load(tw_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * w[:, None]
     o_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -308,6 +353,7 @@ def moe_gate_up(
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         EVEN_K=hidden % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **lkw,
+        **pdl_launch(x.device),
     )  # fmt: skip
     return h
 
@@ -340,6 +386,7 @@ def moe_down(
         DOT_PREC=dot_precision(h.dtype), BLOCK_M=align.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, EVEN_K=inter % cfg.block_k == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **lkw,
+        **pdl_launch(h.device),
     )  # fmt: skip
     return out
 
@@ -348,9 +395,11 @@ def moe_down(
 def _topk_sum_kernel(
     in_ptr, out_ptr, delta_ptr, w_ptr, slots_ptr, H,
     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, HAS_DELTA: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """out[t, :] = Σ_j in[t, j, :] (+ w[t, j] · Δ[t·k + j, :] when token t has an adapter), in
     float32: one program per (token, BLOCK_H columns)."""
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = offs < H
@@ -395,6 +444,7 @@ def moe_sum(
         _topk_sum_kernel[(m, triton.cdiv(hidden, block_h))](
             out_pairs, out, *delta_args, hidden, TOP_K=k, BLOCK_H=block_h,
             HAS_DELTA=delta is not None, num_warps=4,
+            **pdl_launch(out_pairs.device),
         )  # fmt: skip
     return out
 

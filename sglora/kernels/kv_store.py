@@ -18,13 +18,16 @@ import triton
 import triton.language as tl
 
 from sglora.kernels.moe_common import KERNEL_DTYPES, check_shape, check_tensor
+from sglora.kernels.pdl import pdl_launch, pdl_wait
 
 
 @triton.jit
 def _store_kv_kernel(
     k_ptr, v_ptr, kbuf_ptr, vbuf_ptr, loc_ptr, T, NK, NV, stride_k, stride_v,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(USE_PDL)
     rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < T
@@ -77,4 +80,5 @@ def store_kv(
     _store_kv_kernel[grid](
         k, v, k_buffer, v_buffer, loc, t, nk, nv, k.stride(0), v.stride(0),
         BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4,
+        **pdl_launch(k.device),
     )  # fmt: skip

@@ -43,6 +43,7 @@ from sglora.kernels.lora_token import (
     shrink_layout,
     token_blocks,
 )
+from sglora.kernels.pdl import pdl_launch, pdl_wait
 
 CHUNK_SIZES = (16, 32, 64, 128)
 
@@ -66,7 +67,9 @@ def _csgmv_shrink_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     c, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(chunk_start_ptr + c)
     end = tl.load(chunk_start_ptr + c + 1)
@@ -117,7 +120,9 @@ def _csgmv_expand_kernel(
     BLOCK_R: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     c, pid_n = tl.program_id(0), tl.program_id(1)
     start = tl.load(chunk_start_ptr + c)
     end = tl.load(chunk_start_ptr + c + 1)
@@ -215,6 +220,7 @@ def csgmv_shrink(
         BLOCK_K=block_k,
         SPLIT_K=split_k,
         PRECISION=precision(x.dtype),
+        **pdl_launch(x.device),
     )
     return p
 
@@ -270,5 +276,6 @@ def csgmv_expand(
         BLOCK_R=pow2(R),
         ACCUMULATE=accumulate,
         PRECISION=precision(B.dtype),
+        **pdl_launch(p.device),
     )
     return y

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sglora.kernels.pdl import pdl_launch, pdl_wait
+
 MAX_SLICES = 3  # q/k/v
 
 
@@ -62,7 +64,9 @@ def _lora_shrink_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < T
@@ -112,7 +116,9 @@ def _lora_expand_kernel(
     BLOCK_R: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     # output tile -> sub-projection sl (tiles numbered slice by slice), its first column col0
     # and width; written out here because a jit helper call is slow under the interpreter
@@ -172,7 +178,9 @@ def _lora_embedding_shrink_kernel(
     stride_ar,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < T
     slot = tl.load(slots_ptr + offs_m, mask=m_mask, other=-1).to(tl.int64)
@@ -351,6 +359,7 @@ def lora_shrink(
         BLOCK_K=block_k,
         SPLIT_K=split_k,
         PRECISION=precision(x.dtype),
+        **pdl_launch(x.device),
     )
     return p
 
@@ -403,6 +412,7 @@ def lora_expand(
         BLOCK_R=pow2(R),
         ACCUMULATE=accumulate,
         PRECISION=precision(B.dtype),
+        **pdl_launch(p.device),
     )
     return y
 
@@ -435,5 +445,6 @@ def lora_embedding_shrink(
         A.stride(1),
         BLOCK_M=block_m,
         BLOCK_R=pow2(R),
+        **pdl_launch(ids.device),
     )
     return p

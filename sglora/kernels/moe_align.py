@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from sglora.kernels.moe_common import check_shape, check_tensor
+from sglora.kernels.pdl import pdl_launch, pdl_wait
 
 ONE_PROGRAM_MAX_PAIRS = 1024  # beyond: the multi-program path (measured faster on H200)
 _CHUNK = 1024  # elements per program of the multi-program path
@@ -123,9 +124,11 @@ def _align_one_program_kernel(
     counts2_ptr, sorted_ids2_ptr, block_group2_ptr, num_padded2_ptr,
     P, top_k, E, G, cap, G2, cap2,
     HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M2: tl.constexpr, CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """Program 0: one alignment; program 1 (if launched): a virtual-expert alignment of the
     same pairs into the second set of outputs, concurrently."""
+    pdl_wait(USE_PDL)
     if tl.program_id(0) == 0:
         _align_in_one_program(
             topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr,
@@ -158,7 +161,9 @@ def _align_count_kernel(
     counts_ptr, sorted_ids_ptr, block_group_ptr, cap,
     counts2_ptr, sorted_ids2_ptr, block_group2_ptr, cap2,
     HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M2: tl.constexpr, CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(USE_PDL)
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     if tl.program_id(1) == 0:
         _count(topk_ids_ptr, slots_ptr, counts_ptr, sorted_ids_ptr, block_group_ptr, offs, P,
@@ -172,7 +177,9 @@ def _align_count_kernel(
 def _align_scan_kernel(
     counts_ptr, num_padded_ptr, G, counts2_ptr, num_padded2_ptr, G2,
     BLOCK_M: tl.constexpr, BLOCK_M2: tl.constexpr, CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(USE_PDL)
     if tl.program_id(0) == 0:
         _scan(counts_ptr, num_padded_ptr, G, BLOCK_M, CHUNK)
     else:
@@ -184,7 +191,9 @@ def _align_scatter_kernel(
     topk_ids_ptr, slots_ptr, P, top_k, E,
     counts_ptr, sorted_ids_ptr, block_group_ptr, counts2_ptr, sorted_ids2_ptr, block_group2_ptr,
     HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M2: tl.constexpr, CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(USE_PDL)
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
     if tl.program_id(1) == 0:
         _scatter(
@@ -250,15 +259,18 @@ def _launch_multi(
         topk_ids, slots, p, k, num_experts,
         counts, out.sorted_ids, out.block_group, cap,
         counts2, two.sorted_ids, two.block_group, cap2, **common,
+        **pdl_launch(topk_ids.device),
     )  # fmt: skip
     _align_scan_kernel[(cols,)](
         counts, out.num_padded, g1, counts2, two.num_padded, two.num_groups,
         BLOCK_M=out.block_m, BLOCK_M2=two.block_m, CHUNK=_CHUNK,
+        **pdl_launch(counts.device),
     )  # fmt: skip
     _align_scatter_kernel[(triton.cdiv(p, _CHUNK), cols)](
         topk_ids, slots, p, k, num_experts,
         counts, out.sorted_ids, out.block_group, counts2, two.sorted_ids, two.block_group,
         **common,
+        **pdl_launch(topk_ids.device),
     )  # fmt: skip
 
 
@@ -287,6 +299,7 @@ def moe_align(
         m * k, k, num_experts, groups, out.sorted_ids.shape[0], 0, 0,
         HAS_SLOTS=has_slots, BLOCK_M=block_m, BLOCK_M2=block_m,
         **_one_program_launch(m * k, groups),
+        **pdl_launch(topk_ids.device),
     )  # fmt: skip
     return out
 
@@ -319,5 +332,6 @@ def moe_align_base_and_virtual(
         p, k, num_experts, base.num_groups, base.sorted_ids.shape[0], virt.num_groups,
         virt.sorted_ids.shape[0], HAS_SLOTS=False, BLOCK_M=block_m, BLOCK_M2=block_m_virtual,
         **_one_program_launch(p, virt.num_groups),
+        **pdl_launch(topk_ids.device),
     )  # fmt: skip
     return base, virt

@@ -54,6 +54,7 @@ from sglora.kernels.moe_common import (
     dot_precision,
     get_moe_config,
 )
+from sglora.kernels.pdl import pdl_launch, pdl_wait
 
 # with this many adapters or fewer in the batch, the expand runs in the base epilogues: each base
 # tile then holds one slot, so the epilogue adds one B tile load and saves two launches and the
@@ -94,7 +95,9 @@ def _shrink_kernel(
     stride_in, stride_as, stride_ae, stride_ar, stride_ss, stride_sm,
     IN_PER_TOKEN: tl.constexpr, VIRTUAL: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(USE_PDL)
     pid_m, pid_k, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = tl.load(block_group_ptr + pid_m)
     if g < 0:  # past the used blocks
@@ -134,10 +137,12 @@ def _expand_kernel(
     stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """Δ[p, i·N + n] = Σ_split s[split, p, i·R : i·R+R] B[a, e, i·N + n, :R]ᵀ over the base
     alignment, grid axis 2 over the slots (per-slot grouping); axis 1 over (sub-projection i,
     N tile)."""
+    pdl_wait(USE_PDL)
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = tl.load(block_group_ptr + pid_m)
     if g < 0:  # past the used blocks
@@ -174,6 +179,7 @@ def _shrink_expand_kernel(
     SUBS: tl.constexpr, N_PARTS: tl.constexpr, IN_PER_TOKEN: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """Δ rows of one virtual-expert block in one program: s_i = v A[a, e][i·R : i·R+R]ᵀ over
     the whole input dim, kept in registers, then Δ[:, i·N + n] = s_i B[a, e][i·N + n]ᵀ tile by
@@ -181,6 +187,7 @@ def _shrink_expand_kernel(
     one) and output columns [part·N_PART, (part+1)·N_PART) of each, part = j % N_PARTS. With one
     program per block each (adapter, expert) pair's A and B are streamed once; few blocks (small
     M) spread over more programs instead, re-reading a small A per part."""
+    pdl_wait(USE_PDL)
     pid_m = tl.program_id(0)
     g = tl.load(block_group_ptr + pid_m)
     if g < 0:  # past the used blocks
@@ -292,6 +299,7 @@ def lora_shrink(
         IN_PER_TOKEN=in_per_token, VIRTUAL=virtual, DOT_PREC=dot_precision(inp.dtype),
         BLOCK_M=align.block_m, BLOCK_R=max(16, triton.next_power_of_2(cr)),
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_launch(inp.device),
     )  # fmt: skip
     return part
 
@@ -323,6 +331,7 @@ def lora_expand(
         DOT_PREC=dot_precision(dtype), BLOCK_M=align.block_m, BLOCK_N=cfg.block_n,
         BLOCK_R=max(16, triton.next_power_of_2(r)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_launch(part.device),
     )  # fmt: skip
     return delta
 
@@ -356,6 +365,7 @@ def lora_shrink_expand(
         DOT_PREC=dot_precision(inp.dtype),
         BLOCK_M=align.block_m, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_K=cfg.block_k,
         BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_launch(inp.device),
     )  # fmt: skip
     return delta
 

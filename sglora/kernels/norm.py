@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from sglora.kernels.moe_common import KERNEL_DTYPES, check_shape, check_tensor
+from sglora.kernels.pdl import pdl_launch, pdl_wait
 
 MAX_ROW = 65536  # elements a row may have: the kernel keeps a row in registers
 
@@ -27,10 +28,14 @@ MAX_ROW = 65536  # elements a row may have: the kernel keeps a row in registers
 def _rmsnorm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, M, N, eps, stride_x, stride_r, stride_o,
     ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    # the weight is written by no kernel: its load may overlap the previous kernel's tail
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    pdl_wait(USE_PDL)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask = (rows < M)[:, None] & col_ok[None, :]
     dt = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
@@ -42,7 +47,6 @@ def _rmsnorm_kernel(
     h = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(h * h, axis=1) / N + eps)  # [BLOCK_M]
     hn = (h * inv[:, None]).to(dt).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = (hn * w[None, :]).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y, mask=mask)
 
@@ -76,6 +80,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     _rmsnorm_kernel[(triton.cdiv(m, block_m),)](
         x2, r, weight, out, m, n, eps, x2.stride(0), r.stride(0), n,
         ADD=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        **pdl_launch(x2.device),
     )  # fmt: skip
     return out
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from sglora.kernels.moe_common import KERNEL_DTYPES, check_shape, check_tensor
+from sglora.kernels.pdl import pdl_launch, pdl_wait
 
 
 @triton.jit
@@ -56,7 +57,9 @@ def _rotary_kernel(
     stride_q, stride_k, stride_c,
     NORM: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
@@ -116,4 +119,5 @@ def rotary_embedding(
         BLOCK_HALF=block_half, num_warps=num_warps,
         # no mul+add -> fma contraction: every product is rounded to q's dtype, as in PyTorch
         enable_fp_fusion=False,
+        **pdl_launch(positions.device),
     )  # fmt: skip

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from sglora.kernels.moe_common import KERNEL_DTYPES, check_shape, check_tensor, dot_precision
+from sglora.kernels.pdl import pdl_launch, pdl_wait
 
 MAX_EXPERTS = 1024  # a row of router logits stays in registers
 MAX_TOP_K = 64
@@ -85,7 +86,9 @@ def _topk_softmax_kernel(
     logits_ptr, w_ptr, ids_ptr, M, E, stride_l,
     TOP_K: tl.constexpr, RENORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(USE_PDL)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < M
     cols = tl.arange(0, BLOCK_E)
@@ -128,6 +131,7 @@ def topk_softmax(
         logits, weights, ids, t, e, logits.stride(0),
         TOP_K=top_k, RENORM=renormalize, BLOCK_M=block_m, BLOCK_E=block_e,
         BLOCK_K=triton.next_power_of_2(top_k), num_warps=4 if block_m * block_e >= 512 else 2,
+        **pdl_launch(logits.device),
     )  # fmt: skip
     return weights, ids
 
@@ -142,7 +146,9 @@ def _fused_router_kernel(
     TOP_K: tl.constexpr, RENORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(USE_PDL)
     n_blocks = tl.cdiv(E, BLOCK_N)
     pid = tl.program_id(0)
     split = pid // n_blocks
@@ -254,5 +260,6 @@ def fused_router(
         TOP_K=top_k, RENORM=renormalize, DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_T=max(16, triton.next_power_of_2(t)), BLOCK_N=plan.block_n, BLOCK_H=plan.block_h,
         BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), num_warps=4,
+        **pdl_launch(x.device),
     )  # fmt: skip
     return weights, ids

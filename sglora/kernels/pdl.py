@@ -1,0 +1,62 @@
+"""Programmatic dependent launch (PDL, Hopper and newer) for every Triton kernel of sglora:
+each launcher passes `**pdl_launch(device)`, each kernel calls `pdl_wait(USE_PDL)` first.
+
+A kernel launched with PDL may be scheduled while the kernel before it in the stream is still
+running, once every program of that one has called `griddepcontrol.launch_dependents`; its
+programs then sit at `griddepcontrol.wait` until the earlier kernel has finished and its writes
+are visible. That hides the launch and block-scheduling ramp of each kernel behind the tail of
+the previous one, which is much of a small kernel's time: a decode step at batch 1 is ~680
+kernels of ~5 us. CUDA graphs keep PDL edges as programmatic dependencies. It is on only
+inside `sglora.kernels.pdl_launches(True)`, which the graph runner opens around the capture of
+small decode graphs (large batches measured slower with it: cuda_graph_runner.PDL_MAX_BS).
+
+The rule that keeps it race-free: `pdl_wait` comes before any load of a buffer another kernel
+writes, any store, and any early return (only loads of weights, which no kernel writes, may
+precede it, as in the RMSNorm kernel). So a kernel that
+completes has waited for its predecessor, and kernels further back are covered transitively;
+kernels not launched with PDL (cuBLAS, PyTorch, NCCL) wait for their predecessor as usual.
+Under the interpreter, on CPU and before sm90 both halves are off (the instructions are no-ops
+without PDL, but the interpreter cannot run inline assembly).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+import sglora.kernels
+from sglora.kernels.moe_common import interpreting
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """A CUDA device of sm90 or newer, not under the interpreter."""
+    if device.type != "cuda" or interpreting():
+        return False
+    return _sm90_or_newer(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm90_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_on(device: torch.device) -> bool:
+    """Whether launches on `device` use PDL now: inside `sglora.kernels.pdl_launches(True)`."""
+    return sglora.kernels.PDL_ENABLED and pdl_supported(device)
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch keywords of a kernel that takes the USE_PDL constexpr."""
+    on = pdl_on(device)
+    return {"USE_PDL": on, "launch_pdl": on}
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """Wait for the previous kernel of the stream, then let the next one be scheduled."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
