@@ -14,6 +14,8 @@ Outputs (sized for the worst case from host-known shapes, so a CUDA graph can ca
 with cap = round_up(P + min(G, P)·(BM - 1), BM). The order of pairs inside a group is not
 specified (atomics); every consumer treats rows independently.
 
+`pair_blocks` is the kernel-free layout of one token (M = 1): block j = pair j alone.
+
 Pointer arguments of the kernels: topk_ids [P] (int32/int64, the flattened [M, k] table),
 slots [M] int (token slot, -1 none), counts [G] int32 scratch (becomes the write cursor),
 and the three outputs above. Small P runs as one program per alignment (one launch; the base and
@@ -302,6 +304,31 @@ def moe_align(
         **pdl_launch(topk_ids.device),
     )  # fmt: skip
     return out
+
+
+_pair_tables: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def pair_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlignment:
+    """The alignment of one token's k pairs with no kernel: block j holds pair j alone, its
+    group the pair's expert, so `block_group` is topk_ids itself (a view; int32 or int64) and
+    sorted_ids [j·BM] = j, padding elsewhere, a constant per (k, BM). Every pair's expert
+    weights are read once as with `moe_align` when the k experts are distinct (a router's top-k
+    always is; a duplicated expert would be read once per pair, still correct), and decode at
+    batch 1 saves the alignment launch, the only kernel of the layer that moves no weights."""
+    check_tensor("topk_ids", topk_ids, 2, (torch.int32, torch.int64))
+    m, k = topk_ids.shape
+    if m != 1 or not topk_ids.is_contiguous():
+        shape = tuple(topk_ids.shape)
+        raise ValueError(f"pair_blocks: one token's contiguous [1, k] ids, got {shape}")
+    key = (k, block_m, topk_ids.device)
+    if key not in _pair_tables:  # first built in the eager warm-up before any graph capture
+        ids = torch.full((k, block_m), k, dtype=torch.int32, device=topk_ids.device)
+        ids[:, 0] = torch.arange(k, dtype=torch.int32, device=topk_ids.device)
+        padded = torch.full((1,), k * block_m, dtype=torch.int32, device=topk_ids.device)
+        _pair_tables[key] = (ids.view(-1), padded)
+    sorted_ids, num_padded = _pair_tables[key]
+    return MoEAlignment(sorted_ids, topk_ids.view(-1), num_padded, block_m, num_experts, k)
 
 
 def moe_align_base_and_virtual(

@@ -45,7 +45,12 @@ from sglora.kernels.fused_moe import (
     moe_sum,
 )
 from sglora.kernels.lora_token import num_sms
-from sglora.kernels.moe_align import MoEAlignment, moe_align, moe_align_base_and_virtual
+from sglora.kernels.moe_align import (
+    MoEAlignment,
+    moe_align,
+    moe_align_base_and_virtual,
+    pair_blocks,
+)
 from sglora.kernels.moe_common import (
     LoRAConfig,
     MoEConfig,
@@ -385,7 +390,8 @@ def moe_lora_forward(
     num_active_adapters: int | None = None,
 ) -> torch.Tensor:
     """The MoE layer with expert LoRA: x [M, H], topk [M, k], token_slots [M] (-1: no adapter)
-    -> [M, H]. `virtual`: virtual-expert grouping, else per-slot over the base alignment.
+    -> [M, H]. `virtual`: virtual-expert grouping, else per-slot over the base alignment (always
+    for one token, over `pair_blocks`).
 
     `num_active_adapters` (host-known, optional): with at most EPILOGUE_MAX_ADAPTERS the expand
     runs in the base epilogues whatever the tuned config says (one B tile per base tile). Both
@@ -402,7 +408,10 @@ def moe_lora_forward(
     if m == 0:
         return torch.zeros_like(x)
     cfg = config or get_moe_config(m, e, hidden, inter, k, x.dtype)
-    if virtual and (gate_up is not None or down is not None):
+    if m == 1:  # one token: a block per pair and no alignment kernel; the LoRA kernels then
+        virtual = False  # take the token's slot from the per-slot grid axis instead
+        base = lora_align = pair_blocks(topk_ids, e, cfg.block_m)
+    elif virtual and (gate_up is not None or down is not None):
         slots = (gate_up or down).A.shape[0]
         base, lora_align = moe_align_base_and_virtual(
             topk_ids, e, cfg.block_m, token_slots, slots, cfg.lora.block_m

@@ -21,10 +21,11 @@ last dim contiguous; a float32 partial-sum workspace [S, T, E] (fresh each call,
 written before it is read); a persistent int32 arrival counter, zero between launches. Program
 (n, s) multiplies x[:, chunk s of H] by its BLOCK_N experts' slice of W, so the 0.5 MB weight
 read is spread over ~one program per SM, and stores its [T, BLOCK_N] partial. Then it bumps the
-counter (acq_rel); the program that arrives last sums the S partials of every logit in split
-order, rounds them to x's dtype, routes all T rows as above and resets the counter for the next
-launch (or CUDA-graph replay). The sums never depend on arrival order, so the result is
-deterministic, and no program waits on another, so the grid need not be co-resident.
+counter (acq_rel); the program that arrives last sums the S partials of every logit (several
+splits of a block of rows a load), rounds them to x's dtype, routes all T rows as above and resets
+the counter for the next launch (or CUDA-graph replay). The sums never depend on arrival
+order, so the result is deterministic, and no program waits on another, so the grid need not
+be co-resident.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def _fused_router_kernel(
     M, E, H, stride_x, stride_g, chunk, n_split,
     TOP_K: tl.constexpr, RENORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_wait(USE_PDL)
@@ -174,15 +175,21 @@ def _fused_router_kernel(
         tl.atomic_xchg(counter_ptr, 0)  # zero again for the next launch or graph replay
         cols = tl.arange(0, BLOCK_E)
         col_ok = cols < E
+        splits = tl.arange(0, BLOCK_S)
         for r0 in range(0, M, BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
             row_ok = rows < M
-            part = part_ptr + rows[:, None] * E + cols[None, :]
-            mask = row_ok[:, None] & col_ok[None, :]
+            part = part_ptr + splits[None, :, None] * M * E + rows[:, None, None] * E
+            part += cols[None, None, :]
+            mask = row_ok[:, None, None] & col_ok[None, None, :]
             z = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-            for s in range(0, n_split):  # fixed order: deterministic whatever the arrival order
-                # .cg: read from L2, where the other programs' partials are, never a stale L1
-                z += tl.load(part + s * M * E, mask=mask, other=0.0, cache_modifier=".cg")
+            # BLOCK_S splits' partials a load, so they issue together rather than one L2 round
+            # trip per split; .cg: from L2, where the other programs' partials are, never a
+            # stale L1. The sum's order is fixed: deterministic whatever the arrival order
+            for s0 in range(0, n_split, BLOCK_S):
+                s_ok = (s0 + splits < n_split)[None, :, None]
+                v = tl.load(part + s0 * M * E, mask=mask & s_ok, other=0.0, cache_modifier=".cg")
+                z += tl.sum(v, axis=1)
             z = z.to(x_ptr.dtype.element_ty).to(tl.float32)  # F.linear's rounding of the logits
             w, ids = _topk_tile(z, cols, col_ok, TOP_K, RENORM, BLOCK_E, BLOCK_K)
             _store_routes(w_ptr, ids_ptr, rows, row_ok, w, ids, TOP_K, BLOCK_K)
@@ -253,13 +260,16 @@ def fused_router(
     n_split = triton.cdiv(h, plan.chunk)
     partials = torch.empty(n_split, t, e, dtype=torch.float32, device=x.device)
     block_e, block_m = _route_blocks(e)
+    block_m = min(block_m, triton.next_power_of_2(t))  # rows of the top-k tile
+    # splits summed a load: the [BLOCK_M, BLOCK_S, BLOCK_E] tile within 4096 values
+    block_s = max(1, min(triton.next_power_of_2(n_split), 4096 // (block_m * block_e)))
     grid = (triton.cdiv(e, plan.block_n) * n_split,)
     _fused_router_kernel[grid](
         x, gate_weight, partials, _arrival_counter(x.device), weights, ids,
         t, e, h, x.stride(0), gate_weight.stride(0), plan.chunk, n_split,
         TOP_K=top_k, RENORM=renormalize, DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_T=max(16, triton.next_power_of_2(t)), BLOCK_N=plan.block_n, BLOCK_H=plan.block_h,
-        BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), num_warps=4,
-        **pdl_launch(x.device),
+        BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+        BLOCK_S=block_s, num_warps=4, **pdl_launch(x.device),
     )  # fmt: skip
     return weights, ids

@@ -39,7 +39,8 @@ def moe_inputs(m, h, i, e, k, dtype, seed=0, duplicates=False):
 
 
 SHAPES = [  # (M, H, I, E, k, duplicated top-k)
-    (1, 64, 32, 4, 2, False),
+    (1, 64, 32, 4, 2, False),  # one token: pair_blocks, no alignment kernel
+    (1, 32, 32, 4, 3, True),  # one token whose top-k repeats an expert
     (37, 48, 40, 8, 3, False),  # H, I off the block sizes
     (6, 32, 16, 32, 4, False),  # most experts empty
     (19, 32, 32, 4, 4, True),  # duplicated top-k experts

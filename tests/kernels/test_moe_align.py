@@ -12,6 +12,7 @@ from sglora.kernels.moe_align import (
     align_capacity,
     moe_align,
     moe_align_base_and_virtual,
+    pair_blocks,
 )
 from sglora.kernels.reference import moe_align_ref
 
@@ -79,6 +80,18 @@ def test_moe_align_base_and_virtual_in_one_pass(m):
     base, virt = moe_align_base_and_virtual(ids, 8, 32, slots, 2, 16)
     check_alignment(base, moe_align_ref(ids, 8, 32), 32, m * 4)
     check_alignment(virt, moe_align_ref(ids, 8, 16, slots), 16, m * 4)
+
+
+@pytest.mark.parametrize("dup", [False, True])
+def test_pair_blocks_puts_each_pair_of_one_token_in_its_own_block(dup):
+    ids = random_routing(1, 8, 3, seed=3, duplicates=dup).to(DEVICE)
+    align = pair_blocks(ids, 8, 16)
+    assert align.block_group.tolist() == ids[0].tolist()  # the expert of each block
+    want = [[j] + [3] * 15 for j in range(3)]  # pair j, then padding (P = 3)
+    assert align.sorted_ids.view(3, 16).tolist() == want
+    assert int(align.num_padded) == 48 and align.num_pairs == 3
+    with pytest.raises(ValueError, match="one token"):
+        pair_blocks(random_routing(2, 8, 3, seed=3).to(DEVICE), 8, 16)
 
 
 def test_moe_align_no_adapter_at_all_is_empty():
