@@ -19,9 +19,10 @@ from sglora.layers.linear import LinearBase
 
 # Up to this many tokens `route` runs the fused router GEMM + top-k (one launch) instead of
 # cuBLAS + `topk_softmax` (two). H200, E=128, H=2048, CUDA-graph replays (router_fused rows of
-# scripts/bench_fused_ops.py, 2026-11-26): 6.83 against 7.21 us at T=1, 7.58 against 7.59 at
-# T=8, 12.7 against 7.4 at T=16 (fewer programs per chunk of H, more partials to sum).
-FUSED_ROUTER_MAX_TOKENS = 8
+# scripts/bench_fused_ops.py, 2026-11-27, benchmarks/results/bs1_launches_h200.log): 5.4
+# against 7.2 us at T=1, 8.1 against 7.6 at T=8 (T=2 and 4 sum their partials in one and two
+# loads, as T=1 does in one; T=8 takes four).
+FUSED_ROUTER_MAX_TOKENS = 4
 
 
 @dataclass(frozen=True)
