@@ -14,7 +14,7 @@ the tile's rows (small M: one or two slots per tile, two launches and the [P, 2I
 delta round trips saved; with many slots its B loads serialise), or moe_lora's kernels write
 the deltas (large M): Δ13 is added in the gate_up epilogue (before the activation) and Δ2 by
 the top-k sum, y[t] += Σ_j w_p · Δ2[p], which streams it instead of loading it after the down
-GEMM's K loop.
+GEMM's K loop. The epilogue's loads and dots are in `kernels/moe_lora_epilogue.py`.
 
 Each program computes a BLOCK_M × BLOCK_N tile of one block of `sorted_ids` (all rows of one
 expert, padding rows masked); gate and up tiles of the same columns share the x tile, so the
@@ -28,8 +28,6 @@ Pointer layouts (row-major, last dim contiguous):
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import triton
@@ -46,6 +44,13 @@ from sglora.kernels.moe_common import (
     check_tensor,
     dot_precision,
     get_moe_config,
+)
+from sglora.kernels.moe_lora_epilogue import (
+    LoRAExpand,
+    check_lora_expand,
+    lora_args,
+    lora_epilogue,
+    lora_prefetch,
 )
 from sglora.kernels.pdl import pdl_launch, pdl_wait
 
@@ -72,68 +77,6 @@ def _tile_rows(
     e = tl.load(block_group_ptr + pid_m)
     rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     return pid_n, e, rows
-
-
-@triton.jit
-def _lora_prefetch(
-    s_ptr, b_ptr, rows, slot, e, offs_n, n_ok, R, SPLIT, s_col, b_row,
-    stride_ss, stride_sm, stride_bs, stride_be, stride_bn,
-    DELTA: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    """What the expand of `_lora_epilogue` reads that does not depend on the base K loop, loaded
-    before it so that the loads' latency hides behind the weight stream (the epilogue then
-    waits on no dependent chain slot -> shrink -> B): the tile rows' shrink s[rows, s_col :
-    s_col+R] summed over the SPLIT partials and rounded, the range [lo, hi] of the slots
-    present, and B[lo, e, b_row + offs_n, :R] of the first. Placeholders with DELTA."""
-    has = slot >= 0
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
-    lo = tl.min(tl.where(has, slot, NUM_SLOTS), 0).to(tl.int32)
-    hi = tl.max(tl.where(has, slot, -1), 0).to(tl.int32)
-    sv = tl.zeros((BLOCK_M, BLOCK_R), dtype=b_ptr.dtype.element_ty)
-    b_lo = tl.zeros((BLOCK_R, offs_n.shape[0]), dtype=b_ptr.dtype.element_ty)
-    if not DELTA:
-        s_ptrs = s_ptr + rows[:, None] * stride_sm + (s_col + offs_r)[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for _ in range(0, SPLIT):
-            acc += tl.load(s_ptrs, mask=has[:, None] & r_ok[None, :], other=0.0)
-            s_ptrs += stride_ss
-        sv = acc.to(b_ptr.dtype.element_ty)  # rounded once, as a separate GEMM would round it
-        b_ptrs = b_ptr + lo.to(tl.int64) * stride_bs + e * stride_be + offs_r[:, None]
-        b_ok = (lo < NUM_SLOTS) & r_ok[:, None] & n_ok[None, :]
-        b_lo = tl.load(b_ptrs + (b_row + offs_n)[None, :] * stride_bn, mask=b_ok, other=0.0)
-    return sv, lo, hi, b_lo
-
-
-@triton.jit
-def _lora_epilogue(
-    acc, sv, lo, hi, b_lo, d_ptr, b_ptr, rows, slot, e, offs_n, n_ok, R, b_row,
-    stride_bs, stride_be, stride_bn, stride_dm,
-    DELTA: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
-    """acc [BM, BN] += the LoRA delta of each row with an adapter (slot >= 0).
-
-    DELTA: read Δ[rows, b_row + offs_n] written by moe_lora's expand kernel. Else expand here
-    from `_lora_prefetch`'s (sv, lo, hi, b_lo): s B[slot_row, e, b_row + offs_n, :R]ᵀ, one dot
-    per slot present among the tile's rows (rows of other slots masked)."""
-    has = slot >= 0
-    if DELTA:
-        d_ptrs = d_ptr + rows[:, None] * stride_dm + (b_row + offs_n)[None, :]
-        acc += tl.load(d_ptrs, mask=has[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-    else:
-        none = tl.zeros_like(sv)
-        if lo <= hi:
-            acc += tl.dot(tl.where((slot == lo)[:, None], sv, none), b_lo, input_precision=DOT_PREC)
-        offs_r = tl.arange(0, BLOCK_R)
-        r_ok = offs_r < R
-        b_ptrs = b_ptr + e * stride_be + offs_r[:, None] + (b_row + offs_n)[None, :] * stride_bn
-        for a in range(lo + 1, hi + 1):
-            mine = slot == a
-            if tl.max(mine.to(tl.int32), 0) > 0:
-                b = tl.load(b_ptrs + a * stride_bs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-                acc += tl.dot(tl.where(mine[:, None], sv, none), b, input_precision=DOT_PREC)
-    return acc
 
 
 @triton.jit
@@ -166,12 +109,12 @@ def _gate_up_kernel(
     if HAS_LORA:
         e_b = e.to(tl.int64)
         slot = tl.load(slots_ptr + tok, mask=row_ok, other=-1)
-        sv_g, lo, hi, b_g = _lora_prefetch(
+        sv_g, lo, hi, b_g = lora_prefetch(
             s_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, SPLIT, 0, 0,
             stride_ss, stride_sm, stride_bs, stride_be, stride_bn,
             DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R,
         )  # fmt: skip
-        sv_u, lo, hi, b_u = _lora_prefetch(
+        sv_u, lo, hi, b_u = lora_prefetch(
             s_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, SPLIT, R, I,
             stride_ss, stride_sm, stride_bs, stride_be, stride_bn,
             DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R,
@@ -194,11 +137,11 @@ def _gate_up_kernel(
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
     if HAS_LORA:
-        acc_g = _lora_epilogue(
+        acc_g = lora_epilogue(
             acc_g, sv_g, lo, hi, b_g, d_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, 0,
             stride_bs, stride_be, stride_bn, stride_dm, DELTA, BLOCK_R, DOT_PREC,
         )  # fmt: skip
-        acc_u = _lora_epilogue(
+        acc_u = lora_epilogue(
             acc_u, sv_u, lo, hi, b_u, d_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, I,
             stride_bs, stride_be, stride_bn, stride_dm, DELTA, BLOCK_R, DOT_PREC,
         )  # fmt: skip
@@ -236,7 +179,7 @@ def _down_kernel(
     if HAS_LORA:
         slot = tl.load(slots_ptr + rows64 // top_k, mask=row_ok, other=-1)
         e_b = e.to(tl.int64)
-        sv, lo, hi, b_lo = _lora_prefetch(
+        sv, lo, hi, b_lo = lora_prefetch(
             s_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, SPLIT, 0, 0,
             stride_ss, stride_sm, stride_bs, stride_be, stride_bn,
             DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R,
@@ -254,40 +197,13 @@ def _down_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if HAS_LORA:
-        acc = _lora_epilogue(
+        acc = lora_epilogue(
             acc, sv, lo, hi, b_lo, d_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, 0,
             stride_bs, stride_be, stride_bn, stride_dm, DELTA, BLOCK_R, DOT_PREC,
         )  # fmt: skip
     acc = acc * w[:, None]
     o_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
-
-
-class LoRAExpand(NamedTuple):
-    """What the base kernels need to add an expert-LoRA delta in their epilogue: either the
-    delta itself (`delta`, from moe_lora's expand kernel), or the shrink and B to expand."""
-
-    s: torch.Tensor | None  # [SPLIT, P, c·R] fp32 shrink partials (rows with an adapter)
-    B: torch.Tensor  # [S, E|1, c·N, R] pool buffer
-    token_slots: torch.Tensor  # [M] int, -1: no adapter
-    delta: torch.Tensor | None = None  # [P, c·N] in the activation dtype
-
-
-def _lora_args(lora: LoRAExpand | None, dummy: torch.Tensor) -> tuple[list, list, dict]:
-    """(pointers, ints, strides) and constexprs of the LoRA epilogue; dummies when absent."""
-    if lora is None:
-        return [dummy] * 4, [0, 1], [0] * 6, dict(HAS_LORA=False, DELTA=False, NUM_SLOTS=1,
-                                                  BLOCK_R=16)  # fmt: skip
-    b, d = lora.B, lora.delta
-    s = lora.s if lora.s is not None else d
-    r = b.shape[-1]
-    be = b.stride(1) if b.shape[1] > 1 else 0  # shared across experts: expert stride 0
-    split = s.shape[0] if d is None else 1
-    strides = [s.stride(0), s.stride(1) if s.dim() == 3 else 0, b.stride(0), be, b.stride(2),
-               d.stride(0) if d is not None else 0]  # fmt: skip
-    kw = dict(HAS_LORA=True, DELTA=d is not None, NUM_SLOTS=b.shape[0],
-              BLOCK_R=max(16, triton.next_power_of_2(r)))  # fmt: skip
-    return [s, b, d if d is not None else s, lora.token_slots], [r, split], strides, kw
 
 
 def _check_moe_inputs(x, w13, w2, topk_weights, topk_ids) -> None:
@@ -309,26 +225,6 @@ def _check_moe_inputs(x, w13, w2, topk_weights, topk_ids) -> None:
         raise ValueError("topk_ids and topk_weights must be contiguous")
 
 
-def _check_lora(what: str, lora: LoRAExpand | None, p: int, subs: int, out: int, e: int, x):
-    if lora is None:
-        return
-    check_tensor(f"{what}.B", lora.B, 4, (x.dtype,), x.device)
-    if not lora.B.is_contiguous():
-        raise ValueError(f"{what}.B must be contiguous")
-    if lora.B.shape[1] not in (1, e):
-        raise ValueError(f"{what}.B: expert dim must be 1 or {e}, got {lora.B.shape[1]}")
-    check_shape(f"{what}.B", lora.B, (None, None, subs * out, None))
-    if lora.delta is not None:
-        check_tensor(f"{what}.delta", lora.delta, 2, (x.dtype,), x.device)
-        check_shape(f"{what}.delta", lora.delta, (p, subs * out))
-    elif lora.s is not None:
-        check_tensor(f"{what}.s", lora.s, 3, (torch.float32,), x.device)
-        check_shape(f"{what}.s", lora.s, (None, p, subs * lora.B.shape[-1]))
-    else:
-        raise ValueError(f"{what}: LoRAExpand needs the shrink s or the delta")
-    check_tensor(f"{what}.token_slots", lora.token_slots, 1, (torch.int32, torch.int64), x.device)
-
-
 def moe_gate_up(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -340,11 +236,11 @@ def moe_gate_up(
 ) -> torch.Tensor:
     """h [M·k, I] = act(gate) · up of every pair, with the LoRA expand of `lora` if given."""
     p, inter, hidden = align.num_pairs, w13.shape[1] // 2, w13.shape[2]
-    _check_lora("gate_up", lora, p, 2, inter, w13.shape[0], x)
+    check_lora_expand("gate_up", lora, p, 2, inter, w13.shape[0], x)
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
     num_pid_m = align.block_group.shape[0]
     grid = (num_pid_m * triton.cdiv(inter, cfg.block_n),)
-    ptrs, ints, strides, lkw = _lora_args(lora, align.sorted_ids)
+    ptrs, ints, strides, lkw = lora_args(lora, align.sorted_ids)
     _gate_up_kernel[grid](
         x, w13, h, *ptrs, align.sorted_ids, align.block_group,
         p, top_k, inter, hidden, num_pid_m, *ints,
@@ -372,13 +268,13 @@ def moe_down(
         raise ValueError("moe_down expands shrink partials; a written down delta goes to moe_sum")
     p, hidden, inter = align.num_pairs, w2.shape[1], w2.shape[2]
     m, k = topk_weights.shape
-    _check_lora("down", lora, p, 1, hidden, w2.shape[0], h)
+    check_lora_expand("down", lora, p, 1, hidden, w2.shape[0], h)
     if not topk_weights.is_contiguous():
         raise ValueError("topk_weights must be contiguous")
     out = torch.empty(m, k, hidden, dtype=h.dtype, device=h.device)
     num_pid_m = align.block_group.shape[0]
     grid = (num_pid_m * triton.cdiv(hidden, cfg.block_n),)
-    ptrs, ints, strides, lkw = _lora_args(lora, align.sorted_ids)
+    ptrs, ints, strides, lkw = lora_args(lora, align.sorted_ids)
     _down_kernel[grid](
         h, w2, out, topk_weights, *ptrs, align.sorted_ids, align.block_group,
         p, k, hidden, inter, num_pid_m, *ints,

@@ -37,13 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglora.kernels.fused_moe import (
-    LoRAExpand,
-    _check_moe_inputs,
-    moe_down,
-    moe_gate_up,
-    moe_sum,
-)
+from sglora.kernels.fused_moe import _check_moe_inputs, moe_down, moe_gate_up, moe_sum
 from sglora.kernels.lora_token import num_sms
 from sglora.kernels.moe_align import (
     MoEAlignment,
@@ -59,6 +53,7 @@ from sglora.kernels.moe_common import (
     dot_precision,
     get_moe_config,
 )
+from sglora.kernels.moe_lora_epilogue import LoRAExpand
 from sglora.kernels.pdl import pdl_launch, pdl_wait
 
 # with this many adapters or fewer in the batch, the expand runs in the base epilogues: each base
