@@ -46,7 +46,7 @@ def _one_program_launch(p: int, groups: int) -> dict:
 
 class MoEAlignment(NamedTuple):
     sorted_ids: torch.Tensor  # [cap] int32
-    block_group: torch.Tensor  # [cap // block_m] int32
+    block_group: torch.Tensor  # [cap // block_m] int32 (pair_blocks: the top-k ids themselves)
     num_padded: torch.Tensor  # [1] int32
     block_m: int
     num_groups: int
