@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from sglora.kernels.activation import apply_act
-from sglora.kernels.moe_align import MoEAlignment, moe_align, pair_blocks
+from sglora.kernels.moe_align import MoEAlignment, align_by_expert
 from sglora.kernels.moe_common import (
     KERNEL_DTYPES,
     GemmConfig,
@@ -363,6 +363,6 @@ def fused_moe(
     if m == 0:
         return torch.zeros_like(x)
     cfg = config or get_moe_config(m, e, hidden, inter, k, x.dtype)
-    align = pair_blocks(topk_ids, e, cfg.block_m) if m == 1 else moe_align(topk_ids, e, cfg.block_m)
+    align = align_by_expert(topk_ids, e, cfg.block_m)
     h = moe_gate_up(x, w13, align, k, cfg.gate_up, activation)
     return moe_sum(moe_down(h, w2, align, topk_weights, cfg.down))

@@ -331,6 +331,14 @@ def pair_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAl
     return MoEAlignment(sorted_ids, topk_ids.view(-1), num_padded, block_m, num_experts, k)
 
 
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlignment:
+    """The base alignment of the fused MoE: `pair_blocks` for one token (no kernel), else
+    `moe_align`."""
+    if topk_ids.shape[0] == 1:
+        return pair_blocks(topk_ids, num_experts, block_m)
+    return moe_align(topk_ids, num_experts, block_m)
+
+
 def moe_align_base_and_virtual(
     topk_ids: torch.Tensor,
     num_experts: int,

@@ -41,9 +41,8 @@ from sglora.kernels.fused_moe import _check_moe_inputs, moe_down, moe_gate_up, m
 from sglora.kernels.lora_token import num_sms
 from sglora.kernels.moe_align import (
     MoEAlignment,
-    moe_align,
+    align_by_expert,
     moe_align_base_and_virtual,
-    pair_blocks,
 )
 from sglora.kernels.moe_common import (
     LoRAConfig,
@@ -403,16 +402,15 @@ def moe_lora_forward(
     if m == 0:
         return torch.zeros_like(x)
     cfg = config or get_moe_config(m, e, hidden, inter, k, x.dtype)
-    if m == 1:  # one token: a block per pair and no alignment kernel; the LoRA kernels then
-        virtual = False  # take the token's slot from the per-slot grid axis instead
-        base = lora_align = pair_blocks(topk_ids, e, cfg.block_m)
-    elif virtual and (gate_up is not None or down is not None):
+    # one token: the per-slot kernels over `pair_blocks`, so that no alignment kernel runs
+    virtual = virtual and m > 1
+    if virtual and (gate_up is not None or down is not None):
         slots = (gate_up or down).A.shape[0]
         base, lora_align = moe_align_base_and_virtual(
             topk_ids, e, cfg.block_m, token_slots, slots, cfg.lora.block_m
         )
     else:
-        base = lora_align = moe_align(topk_ids, e, cfg.block_m)
+        base = lora_align = align_by_expert(topk_ids, e, cfg.block_m)
 
     few = num_active_adapters is not None and num_active_adapters <= EPILOGUE_MAX_ADAPTERS
     in_epilogue = cfg.lora.expand_in_epilogue or few

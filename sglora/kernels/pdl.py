@@ -12,9 +12,9 @@ small decode graphs (large batches measured slower with it: cuda_graph_runner.PD
 
 The rule that keeps it race-free: `pdl_wait` comes before any load of a buffer another kernel
 writes, any store, and any early return (only loads of weights, which no kernel writes, may
-precede it, as in the RMSNorm kernel). So a kernel that
-completes has waited for its predecessor, and kernels further back are covered transitively;
-kernels not launched with PDL (cuBLAS, PyTorch, NCCL) wait for their predecessor as usual.
+precede it, as in the RMSNorm kernel). So a kernel that completes has waited for its
+predecessor, and kernels further back are covered transitively; kernels not launched with PDL
+(cuBLAS, PyTorch, NCCL) wait for their predecessor as usual.
 Under the interpreter, on CPU and before sm90 both halves are off (the instructions are no-ops
 without PDL, but the interpreter cannot run inline assembly).
 """
