@@ -48,9 +48,15 @@ def pdl_on(device: torch.device) -> bool:
     return sglora.kernels.PDL_ENABLED and pdl_supported(device)
 
 
+_OFF = {"USE_PDL": False, "launch_pdl": False}  # splatted by the launchers, never mutated
+
+
 def pdl_launch(device: torch.device) -> dict:
-    """Launch keywords of a kernel that takes the USE_PDL constexpr."""
-    on = pdl_on(device)
+    """Launch keywords of a kernel that takes the USE_PDL constexpr (eager launches, PDL off,
+    return at the first check: this runs for every kernel of a prefill)."""
+    if not sglora.kernels.PDL_ENABLED:
+        return _OFF
+    on = pdl_supported(device)
     return {"USE_PDL": on, "launch_pdl": on}
 
 
