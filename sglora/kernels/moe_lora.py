@@ -243,10 +243,10 @@ def _shrink_expand_kernel(
 def shrink_expand_programs(num_pairs: int, subs: int, device: torch.device) -> tuple[int, int]:
     """(sub-projections per program, output parts) of `_shrink_expand_kernel`. While there are
     no more pairs (so no more (adapter, expert) blocks) than SMs (small M), one program per
-    block leaves SMs idle
-    and each streams its pair's A and B alone: then each sub-projection (gate, up) gets its own
-    program, and a single one (down) is cut into two output halves. Otherwise one program
-    per block reads every byte once (splitting measured no faster from bs 64, H200)."""
+    block leaves SMs idle and each streams its pair's A and B alone: then each sub-projection
+    (gate, up) gets its own program, and a single one (down) is cut into two output halves.
+    Otherwise one program per block reads every byte once (splitting measured no faster from
+    bs 64, H200)."""
     if num_pairs > num_sms(device):
         return subs, 1
     return 1, 2 if subs == 1 else 1
