@@ -51,6 +51,8 @@ from sglora.kernels.moe_lora_epilogue import (
     lora_args,
     lora_epilogue,
     lora_prefetch,
+    lora_shrink_ptrs,
+    lora_shrink_step,
 )
 from sglora.kernels.pdl import pdl_launch, pdl_wait
 
@@ -81,11 +83,13 @@ def _tile_rows(
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w_ptr, h_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, sorted_ids_ptr, block_group_ptr,
+    x_ptr, w_ptr, h_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr, sorted_ids_ptr, block_group_ptr,
     num_pairs, top_k, I, K, num_pid_m, R, SPLIT,
     stride_xm, stride_we, stride_wn, stride_hm,
     stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
-    ACT: tl.constexpr, HAS_LORA: tl.constexpr, DELTA: tl.constexpr, NUM_SLOTS: tl.constexpr,
+    stride_as, stride_ae, stride_ar,
+    ACT: tl.constexpr, HAS_LORA: tl.constexpr, DELTA: tl.constexpr, INLINE: tl.constexpr,
+    NUM_SLOTS: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -112,13 +116,21 @@ def _gate_up_kernel(
         sv_g, lo, hi, b_g = lora_prefetch(
             s_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, SPLIT, 0, 0,
             stride_ss, stride_sm, stride_bs, stride_be, stride_bn,
-            DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R,
+            DELTA, INLINE, NUM_SLOTS, BLOCK_M, BLOCK_R,
         )  # fmt: skip
         sv_u, lo, hi, b_u = lora_prefetch(
             s_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, SPLIT, R, I,
             stride_ss, stride_sm, stride_bs, stride_be, stride_bn,
-            DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R,
+            DELTA, INLINE, NUM_SLOTS, BLOCK_M, BLOCK_R,
         )  # fmt: skip
+        if INLINE:
+            ag_ptrs, a_ok = lora_shrink_ptrs(
+                a_ptr, lo, e_b, offs_k, R, 0, stride_as, stride_ae, stride_ar,
+                NUM_SLOTS, BLOCK_R,
+            )  # fmt: skip
+            au_ptrs = ag_ptrs + R * stride_ar
+            acc_sg = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            acc_su = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -126,17 +138,29 @@ def _gate_up_kernel(
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             bg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
             bu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+            if INLINE:
+                acc_sg = lora_shrink_step(acc_sg, a, ag_ptrs, a_ok, DOT_PREC)
+                acc_su = lora_shrink_step(acc_su, a, au_ptrs, a_ok, DOT_PREC)
         else:
             k_ok = offs_k < K - k0
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if INLINE:
+                acc_sg = lora_shrink_step(acc_sg, a, ag_ptrs, a_ok & k_ok[:, None], DOT_PREC)
+                acc_su = lora_shrink_step(acc_su, a, au_ptrs, a_ok & k_ok[:, None], DOT_PREC)
         acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PREC)
         acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PREC)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
+        if INLINE:
+            ag_ptrs += BLOCK_K
+            au_ptrs += BLOCK_K
     if HAS_LORA:
+        if INLINE:  # rounded once, as the shrink kernel's output is
+            sv_g = acc_sg.to(b_ptr.dtype.element_ty)
+            sv_u = acc_su.to(b_ptr.dtype.element_ty)
         acc_g = lora_epilogue(
             acc_g, sv_g, lo, hi, b_g, d_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, 0,
             stride_bs, stride_be, stride_bn, stride_dm, DELTA, BLOCK_R, DOT_PREC,
@@ -152,11 +176,12 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w_ptr, out_ptr, tw_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, sorted_ids_ptr,
+    h_ptr, w_ptr, out_ptr, tw_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr, sorted_ids_ptr,
     block_group_ptr, num_pairs, top_k, N, K, num_pid_m, R, SPLIT,
     stride_hm, stride_we, stride_wn, stride_om,
     stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
-    HAS_LORA: tl.constexpr, DELTA: tl.constexpr, NUM_SLOTS: tl.constexpr,
+    stride_as, stride_ae, stride_ar,
+    HAS_LORA: tl.constexpr, DELTA: tl.constexpr, INLINE: tl.constexpr, NUM_SLOTS: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -182,21 +207,35 @@ def _down_kernel(
         sv, lo, hi, b_lo = lora_prefetch(
             s_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, SPLIT, 0, 0,
             stride_ss, stride_sm, stride_bs, stride_be, stride_bn,
-            DELTA, NUM_SLOTS, BLOCK_M, BLOCK_R,
+            DELTA, INLINE, NUM_SLOTS, BLOCK_M, BLOCK_R,
         )  # fmt: skip
+        if INLINE:
+            as_ptrs, a_ok = lora_shrink_ptrs(
+                a_ptr, lo, e_b, offs_k, R, 0, stride_as, stride_ae, stride_ar,
+                NUM_SLOTS, BLOCK_R,
+            )  # fmt: skip
+            acc_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            if INLINE:
+                acc_s = lora_shrink_step(acc_s, a, as_ptrs, a_ok, DOT_PREC)
         else:
             k_ok = offs_k < K - k0
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if INLINE:
+                acc_s = lora_shrink_step(acc_s, a, as_ptrs, a_ok & k_ok[:, None], DOT_PREC)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+        if INLINE:
+            as_ptrs += BLOCK_K
     if HAS_LORA:
+        if INLINE:  # rounded once, as the shrink kernel's output is
+            sv = acc_s.to(b_ptr.dtype.element_ty)
         acc = lora_epilogue(
             acc, sv, lo, hi, b_lo, d_ptr, b_ptr, rows64, slot, e_b, offs_n, n_ok, R, 0,
             stride_bs, stride_be, stride_bn, stride_dm, DELTA, BLOCK_R, DOT_PREC,
@@ -236,7 +275,7 @@ def moe_gate_up(
 ) -> torch.Tensor:
     """h [M·k, I] = act(gate) · up of every pair, with the LoRA expand of `lora` if given."""
     p, inter, hidden = align.num_pairs, w13.shape[1] // 2, w13.shape[2]
-    check_lora_expand("gate_up", lora, p, 2, inter, w13.shape[0], x)
+    check_lora_expand("gate_up", lora, p, 2, inter, w13.shape[0], x, p // top_k)
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
     num_pid_m = align.block_group.shape[0]
     grid = (num_pid_m * triton.cdiv(inter, cfg.block_n),)
@@ -268,7 +307,7 @@ def moe_down(
         raise ValueError("moe_down expands shrink partials; a written down delta goes to moe_sum")
     p, hidden, inter = align.num_pairs, w2.shape[1], w2.shape[2]
     m, k = topk_weights.shape
-    check_lora_expand("down", lora, p, 1, hidden, w2.shape[0], h)
+    check_lora_expand("down", lora, p, 1, hidden, w2.shape[0], h, m)
     if not topk_weights.is_contiguous():
         raise ValueError("topk_weights must be contiguous")
     out = torch.empty(m, k, hidden, dtype=h.dtype, device=h.device)

@@ -384,8 +384,9 @@ def moe_lora_forward(
     num_active_adapters: int | None = None,
 ) -> torch.Tensor:
     """The MoE layer with expert LoRA: x [M, H], topk [M, k], token_slots [M] (-1: no adapter)
-    -> [M, H]. `virtual`: virtual-expert grouping, else per-slot over the base alignment (always
-    for one token, over `pair_blocks`).
+    -> [M, H]. `virtual`: virtual-expert grouping, else per-slot over the base alignment. One
+    token runs over `pair_blocks` with no LoRA kernel at all: the base kernels compute its
+    shrink in their K loops (INLINE of moe_lora_epilogue.py) and expand in their epilogues.
 
     `num_active_adapters` (host-known, optional): with at most EPILOGUE_MAX_ADAPTERS the expand
     runs in the base epilogues whatever the tuned config says (one B tile per base tile). Both
@@ -402,7 +403,7 @@ def moe_lora_forward(
     if m == 0:
         return torch.zeros_like(x)
     cfg = config or get_moe_config(m, e, hidden, inter, k, x.dtype)
-    # one token: the per-slot kernels over `pair_blocks`, so that no alignment kernel runs
+    # one token: `pair_blocks` (no alignment kernel) and the inline shrink (no LoRA kernel)
     virtual = virtual and m > 1
     if virtual and (gate_up is not None or down is not None):
         slots = (gate_up or down).A.shape[0]
@@ -418,6 +419,8 @@ def moe_lora_forward(
     def epilogue(inp, w, per_token):
         if w is None:
             return None
+        if m == 1:  # the base kernels' K loops take the shrink: two launches fewer
+            return LoRAExpand(None, w.B, token_slots, A=w.A)
         if virtual and not in_epilogue:
             delta = lora_shrink_expand(inp, w, lora_align, k, e, per_token, cfg.lora)
             return LoRAExpand(None, w.B, token_slots, delta)

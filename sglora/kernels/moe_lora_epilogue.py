@@ -11,8 +11,13 @@ masked). `lora_prefetch` loads what does not depend on the base K loop (the slot
 shrink summed over its SPLIT partials and rounded, the first slot's B tile) before that loop,
 so its latency hides behind the weight stream; `lora_epilogue` adds the delta after it.
 
+INLINE (one token, whose pairs all share its slot): no shrink kernel runs; the base K loop
+also takes s = v A[slot, e]ᵀ, one more [BLOCK_M, BLOCK_K] × [BLOCK_K, R] dot per K step on the
+x / h tile it already holds (`lora_shrink_ptrs`, `lora_shrink_step`). Every N tile repeats it
+(A is re-read from L2; ~R / BLOCK_N more loads), which one launch fewer outweighs at one token.
+
 Pointer layouts: s [SPLIT, P, c·R] fp32; B [S, E|1, c·N, R] (expert stride 0 for dim 1);
-Δ [P, c·N] in the activation dtype; slots [M] (-1: no adapter).
+A [S, E|1, c·R, K]; Δ [P, c·N] in the activation dtype; slots [M] (-1: no adapter).
 """
 
 from __future__ import annotations
@@ -30,14 +35,15 @@ from sglora.kernels.moe_common import check_shape, check_tensor
 def lora_prefetch(
     s_ptr, b_ptr, rows, slot, e, offs_n, n_ok, R, SPLIT, s_col, b_row,
     stride_ss, stride_sm, stride_bs, stride_be, stride_bn,
-    DELTA: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+    DELTA: tl.constexpr, INLINE: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """What the expand of `_lora_epilogue` reads that does not depend on the base K loop, loaded
     before it so that the loads' latency hides behind the weight stream (the epilogue then
     waits on no dependent chain slot -> shrink -> B): the tile rows' shrink s[rows, s_col :
-    s_col+R] summed over the SPLIT partials and rounded, the range [lo, hi] of the slots
-    present, and B[lo, e, b_row + offs_n, :R] of the first. Placeholders with DELTA."""
+    s_col+R] summed over the SPLIT partials and rounded (a placeholder with INLINE, whose K
+    loop computes it), the range [lo, hi] of the slots present, and B[lo, e, b_row + offs_n,
+    :R] of the first. Placeholders with DELTA."""
     has = slot >= 0
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
@@ -46,16 +52,39 @@ def lora_prefetch(
     sv = tl.zeros((BLOCK_M, BLOCK_R), dtype=b_ptr.dtype.element_ty)
     b_lo = tl.zeros((BLOCK_R, offs_n.shape[0]), dtype=b_ptr.dtype.element_ty)
     if not DELTA:
-        s_ptrs = s_ptr + rows[:, None] * stride_sm + (s_col + offs_r)[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for _ in range(0, SPLIT):
-            acc += tl.load(s_ptrs, mask=has[:, None] & r_ok[None, :], other=0.0)
-            s_ptrs += stride_ss
-        sv = acc.to(b_ptr.dtype.element_ty)  # rounded once, as a separate GEMM would round it
+        if not INLINE:
+            s_ptrs = s_ptr + rows[:, None] * stride_sm + (s_col + offs_r)[None, :]
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for _ in range(0, SPLIT):
+                acc += tl.load(s_ptrs, mask=has[:, None] & r_ok[None, :], other=0.0)
+                s_ptrs += stride_ss
+            sv = acc.to(b_ptr.dtype.element_ty)  # rounded once, as a separate GEMM rounds it
         b_ptrs = b_ptr + lo.to(tl.int64) * stride_bs + e * stride_be + offs_r[:, None]
         b_ok = (lo < NUM_SLOTS) & r_ok[:, None] & n_ok[None, :]
         b_lo = tl.load(b_ptrs + (b_row + offs_n)[None, :] * stride_bn, mask=b_ok, other=0.0)
     return sv, lo, hi, b_lo
+
+
+@triton.jit
+def lora_shrink_ptrs(
+    a_ptr, lo, e, offs_k, R, a_row, stride_as, stride_ae, stride_ar,
+    NUM_SLOTS: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """INLINE: pointers [BLOCK_K, BLOCK_R] to A[lo, e, a_row + r, k] for the K loop's first
+    tile, and their mask [1, BLOCK_R] (all off when the tile has no adapter: lo = NUM_SLOTS)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    ok = (lo < NUM_SLOTS) & (offs_r < R)[None, :]
+    slot = tl.minimum(lo, NUM_SLOTS - 1).to(tl.int64)
+    ptrs = a_ptr + slot * stride_as + e * stride_ae + (a_row + offs_r)[None, :] * stride_ar
+    return ptrs + offs_k[:, None], ok
+
+
+@triton.jit
+def lora_shrink_step(acc_s, v, a_ptrs, a_ok, DOT_PREC: tl.constexpr):
+    """INLINE: acc_s [BLOCK_M, BLOCK_R] += v [BLOCK_M, BLOCK_K] · A tile at a_ptrs (mask a_ok,
+    K-range mask included by the caller)."""
+    a = tl.load(a_ptrs, mask=a_ok, other=0.0)
+    return tl.dot(v, a, acc_s, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -89,33 +118,40 @@ def lora_epilogue(
 
 
 class LoRAExpand(NamedTuple):
-    """What the base kernels need to add an expert-LoRA delta in their epilogue: either the
-    delta itself (`delta`, from moe_lora's expand kernel), or the shrink and B to expand."""
+    """What the base kernels need to add an expert-LoRA delta in their epilogue: the delta
+    itself (`delta`, from moe_lora's expand kernel), the shrink and B to expand, or (one token)
+    A and B, the shrink then computed in the base K loop."""
 
     s: torch.Tensor | None  # [SPLIT, P, c·R] fp32 shrink partials (rows with an adapter)
     B: torch.Tensor  # [S, E|1, c·N, R] pool buffer
     token_slots: torch.Tensor  # [M] int, -1: no adapter
     delta: torch.Tensor | None = None  # [P, c·N] in the activation dtype
+    A: torch.Tensor | None = None  # [S, E|1, c·R, K] pool buffer: shrink inline (one token)
 
 
 def lora_args(lora: LoRAExpand | None, dummy: torch.Tensor) -> tuple[list, list, dict]:
     """(pointers, ints, strides) and constexprs of the LoRA epilogue; dummies when absent."""
     if lora is None:
-        return [dummy] * 4, [0, 1], [0] * 6, dict(HAS_LORA=False, DELTA=False, NUM_SLOTS=1,
-                                                  BLOCK_R=16)  # fmt: skip
-    b, d = lora.B, lora.delta
-    s = lora.s if lora.s is not None else d
+        return [dummy] * 5, [0, 1], [0] * 9, dict(HAS_LORA=False, DELTA=False, INLINE=False,
+                                                  NUM_SLOTS=1, BLOCK_R=16)  # fmt: skip
+    a, b, d = lora.A, lora.B, lora.delta
+    s = next(t for t in (lora.s, d, a) if t is not None)  # placeholder pointer when unused
     r = b.shape[-1]
-    be = b.stride(1) if b.shape[1] > 1 else 0  # shared across experts: expert stride 0
-    split = s.shape[0] if d is None else 1
-    strides = [s.stride(0), s.stride(1) if s.dim() == 3 else 0, b.stride(0), be, b.stride(2),
-               d.stride(0) if d is not None else 0]  # fmt: skip
-    kw = dict(HAS_LORA=True, DELTA=d is not None, NUM_SLOTS=b.shape[0],
+    split = lora.s.shape[0] if lora.s is not None else 1
+    # shared across experts (dim 1): expert stride 0
+    a_strides = [0, 0, 0] if a is None else [a.stride(0), a.stride(1) * (a.shape[1] > 1), a.stride(2)]
+    strides = [s.stride(0), s.stride(1) if lora.s is not None else 0, b.stride(0),
+               b.stride(1) * (b.shape[1] > 1), b.stride(2), d.stride(0) if d is not None else 0,
+               *a_strides]  # fmt: skip
+    kw = dict(HAS_LORA=True, DELTA=d is not None, INLINE=a is not None, NUM_SLOTS=b.shape[0],
               BLOCK_R=max(16, triton.next_power_of_2(r)))  # fmt: skip
-    return [s, b, d if d is not None else s, lora.token_slots], [r, split], strides, kw
+    ptrs = [s, b, d if d is not None else s, lora.token_slots, a if a is not None else s]
+    return ptrs, [r, split], strides, kw
 
 
-def check_lora_expand(what: str, lora: LoRAExpand | None, p: int, subs: int, out: int, e: int, x):
+def check_lora_expand(
+    what: str, lora: LoRAExpand | None, p: int, subs: int, out: int, e: int, x, tokens: int
+):
     if lora is None:
         return
     check_tensor(f"{what}.B", lora.B, 4, (x.dtype,), x.device)
@@ -130,6 +166,15 @@ def check_lora_expand(what: str, lora: LoRAExpand | None, p: int, subs: int, out
     elif lora.s is not None:
         check_tensor(f"{what}.s", lora.s, 3, (torch.float32,), x.device)
         check_shape(f"{what}.s", lora.s, (None, p, subs * lora.B.shape[-1]))
+    elif lora.A is not None:
+        if tokens != 1:  # a base tile's rows must share one slot, hence one A
+            raise ValueError(f"{what}: the inline shrink (A) takes one token, got {tokens}")
+        check_tensor(f"{what}.A", lora.A, 4, (x.dtype,), x.device)
+        if not lora.A.is_contiguous():
+            raise ValueError(f"{what}.A must be contiguous")
+        if lora.A.shape[1] not in (1, e):
+            raise ValueError(f"{what}.A: expert dim must be 1 or {e}, got {lora.A.shape[1]}")
+        check_shape(f"{what}.A", lora.A, (lora.B.shape[0], None, subs * lora.B.shape[-1], x.shape[1]))
     else:
-        raise ValueError(f"{what}: LoRAExpand needs the shrink s or the delta")
+        raise ValueError(f"{what}: LoRAExpand needs the shrink s, the delta or A")
     check_tensor(f"{what}.token_slots", lora.token_slots, 1, (torch.int32, torch.int64), x.device)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sglora.kernels.fused_moe import moe_gate_up
+from sglora.kernels.moe_align import align_by_expert
 from sglora.kernels.moe_common import GemmConfig, LoRAConfig, MoEConfig
+from sglora.kernels.moe_lora_epilogue import LoRAExpand
 from sglora.kernels.moe_lora import ExpertLoRA, moe_lora_forward
 from sglora.kernels.reference import fused_moe_ref
 from tests.kernels.test_fused_moe import DEVICE, DTYPES, close, moe_inputs
@@ -57,10 +60,11 @@ def token_slots(m: int, seed: int) -> torch.Tensor:
 
 
 def run_case(
-    m, h, i, e, k, dtype, virtual, lora="split", shared_outer=False, sides="both", dup=False
-):
+    m, h, i, e, k, dtype, virtual, lora="split", shared_outer=False, sides="both", dup=False,
+    slots=None,
+):  # fmt: skip
     x, w13, w2, tw, ti = moe_inputs(m, h, i, e, k, dtype, seed=m + e, duplicates=dup)
-    slots = token_slots(m, seed=m)
+    slots = token_slots(m, seed=m) if slots is None else slots
     gate_up = expert_lora(2, h, i, 1 if shared_outer else e, e, dtype, seed=1)
     down = expert_lora(1, i, h, e, 1 if shared_outer else e, dtype, seed=2)
     gate_up = gate_up if sides in ("both", "gate_up") else None
@@ -72,7 +76,8 @@ def run_case(
     assert out.shape == (m, h) and out.dtype == dtype
     close(out, ref, dtype)
     base = fused_moe_ref(x, w13, w2, tw, ti)
-    assert (ref - base).abs().max() > 0.05, "the adapters must change the output"
+    if (slots >= 0).any():
+        assert (ref - base).abs().max() > 0.05, "the adapters must change the output"
 
 
 SHAPES = [(1, 64, 32, 4, 2), (13, 48, 40, 8, 3), (40, 32, 32, 6, 2)]  # (M, H, I, E, k)
@@ -98,6 +103,28 @@ def test_moe_lora_matches_reference(shape, dtype, virtual):
 )
 def test_moe_lora_variants(virtual, lora, shared_outer, sides, dup):
     run_case(11, 32, 32, 4, 2, DTYPES[-1], virtual, lora, shared_outer, sides, dup)
+
+
+@pytest.mark.parametrize("slot", [-1, 1, 2], ids=["no_adapter", "rank1", "rank16"])
+@pytest.mark.parametrize(
+    "shared_outer,sides,dup",
+    [(False, "both", False), (True, "both", True), (False, "gate_up", True), (True, "down", False)],
+)
+def test_moe_lora_one_token(slot, shared_outer, sides, dup):
+    """One token: the base kernels compute the shrink in their K loops (INLINE), here with H and
+    I off the K block (masked K tails) and duplicated experts among the token's top-k."""
+    slots = torch.tensor([slot], device=DEVICE)
+    run_case(1, 48, 40, 4, 3, DTYPES[-1], False, "whole", shared_outer, sides, dup, slots)
+
+
+def test_inline_shrink_takes_one_token():
+    """A base tile's rows must share one slot for the inline shrink: more tokens are refused."""
+    x, w13, w2, tw, ti = moe_inputs(2, 32, 16, 4, 2, torch.float32)
+    gu = expert_lora(2, 32, 16, 4, 4, torch.float32, seed=1)
+    align = align_by_expert(ti, 4, 16)
+    lora = LoRAExpand(None, gu.B, token_slots(2, 0), A=gu.A)
+    with pytest.raises(ValueError, match="inline shrink"):
+        moe_gate_up(x, w13, align, 2, GemmConfig(32, 32), "silu", lora)
 
 
 def test_moe_lora_no_adapter_tokens_equal_base():
