@@ -139,7 +139,7 @@ def lora_args(lora: LoRAExpand | None, dummy: torch.Tensor) -> tuple[list, list,
     r = b.shape[-1]
     split = lora.s.shape[0] if lora.s is not None else 1
     # shared across experts (dim 1): expert stride 0
-    a_strides = [0, 0, 0] if a is None else [a.stride(0), a.stride(1) * (a.shape[1] > 1), a.stride(2)]
+    a_strides = [0] * 3 if a is None else [a.stride(0), a.stride(1) * (a.shape[1] > 1), a.stride(2)]
     strides = [s.stride(0), s.stride(1) if lora.s is not None else 0, b.stride(0),
                b.stride(1) * (b.shape[1] > 1), b.stride(2), d.stride(0) if d is not None else 0,
                *a_strides]  # fmt: skip
@@ -174,7 +174,8 @@ def check_lora_expand(
             raise ValueError(f"{what}.A must be contiguous")
         if lora.A.shape[1] not in (1, e):
             raise ValueError(f"{what}.A: expert dim must be 1 or {e}, got {lora.A.shape[1]}")
-        check_shape(f"{what}.A", lora.A, (lora.B.shape[0], None, subs * lora.B.shape[-1], x.shape[1]))
+        rows = subs * lora.B.shape[-1]
+        check_shape(f"{what}.A", lora.A, (lora.B.shape[0], None, rows, x.shape[1]))
     else:
         raise ValueError(f"{what}: LoRAExpand needs the shrink s, the delta or A")
     check_tensor(f"{what}.token_slots", lora.token_slots, 1, (torch.int32, torch.int64), x.device)

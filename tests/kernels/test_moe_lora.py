@@ -15,8 +15,8 @@ import torch
 from sglora.kernels.fused_moe import moe_gate_up
 from sglora.kernels.moe_align import align_by_expert
 from sglora.kernels.moe_common import GemmConfig, LoRAConfig, MoEConfig
-from sglora.kernels.moe_lora_epilogue import LoRAExpand
 from sglora.kernels.moe_lora import ExpertLoRA, moe_lora_forward
+from sglora.kernels.moe_lora_epilogue import LoRAExpand
 from sglora.kernels.reference import fused_moe_ref
 from tests.kernels.test_fused_moe import DEVICE, DTYPES, close, moe_inputs
 
