@@ -92,14 +92,17 @@ def _gate_up_kernel(
     NUM_SLOTS: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    WAIT_LATE: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl_wait(USE_PDL)
+    if not WAIT_LATE:
+        pdl_wait(USE_PDL)
     num_pid_n = tl.cdiv(I, BLOCK_N)
     pid_n, e, rows = _tile_rows(
         sorted_ids_ptr, block_group_ptr, num_pid_m, num_pid_n, GROUP_M, BLOCK_M
     )
     if e < 0:
+        if WAIT_LATE:
+            pdl_wait(USE_PDL)
         return
     row_ok = rows < num_pairs
     tok = (rows // top_k).to(tl.int64)
@@ -157,6 +160,8 @@ def _gate_up_kernel(
         if INLINE:
             ag_ptrs += BLOCK_K
             au_ptrs += BLOCK_K
+    if WAIT_LATE:  # the kernel before wrote Δ13, read from here on
+        pdl_wait(USE_PDL)
     if HAS_LORA:
         if INLINE:  # rounded once, as the shrink kernel's output is
             sv_g = acc_sg.to(b_ptr.dtype.element_ty)
@@ -184,14 +189,17 @@ def _down_kernel(
     HAS_LORA: tl.constexpr, DELTA: tl.constexpr, INLINE: tl.constexpr, NUM_SLOTS: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    WAIT_LATE: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl_wait(USE_PDL)
+    if not WAIT_LATE:
+        pdl_wait(USE_PDL)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_n, e, rows = _tile_rows(
         sorted_ids_ptr, block_group_ptr, num_pid_m, num_pid_n, GROUP_M, BLOCK_M
     )
     if e < 0:
+        if WAIT_LATE:
+            pdl_wait(USE_PDL)
         return
     row_ok = rows < num_pairs
     rows64 = rows.to(tl.int64)
@@ -241,6 +249,8 @@ def _down_kernel(
             stride_bs, stride_be, stride_bn, stride_dm, DELTA, BLOCK_R, DOT_PREC,
         )  # fmt: skip
     acc = acc * w[:, None]
+    if WAIT_LATE:  # before the first store (and so before this kernel can complete)
+        pdl_wait(USE_PDL)
     o_ptrs = out_ptr + rows64[:, None] * stride_om + offs_n[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
@@ -272,8 +282,12 @@ def moe_gate_up(
     cfg: GemmConfig,
     activation: str = "silu",
     lora: LoRAExpand | None = None,
+    wait_late: bool = False,
 ) -> torch.Tensor:
-    """h [M·k, I] = act(gate) · up of every pair, with the LoRA expand of `lora` if given."""
+    """h [M·k, I] = act(gate) · up of every pair, with the LoRA expand of `lora` if given.
+
+    `wait_late` (with lora.delta): the launch just before wrote Δ13 and nothing else this
+    kernel reads, so under PDL its base K loop runs before waiting for it (`WAIT_LATE`)."""
     p, inter, hidden = align.num_pairs, w13.shape[1] // 2, w13.shape[2]
     check_lora_expand("gate_up", lora, p, 2, inter, w13.shape[0], x, p // top_k)
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
@@ -287,7 +301,7 @@ def moe_gate_up(
         ACT=activation_id(activation), DOT_PREC=dot_precision(x.dtype), BLOCK_M=align.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         EVEN_K=hidden % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **lkw,
+        WAIT_LATE=wait_late and lora is not None and lora.delta is not None, **lkw,
         **pdl_launch(x.device),
     )  # fmt: skip
     return h
@@ -300,9 +314,13 @@ def moe_down(
     topk_weights: torch.Tensor,
     cfg: GemmConfig,
     lora: LoRAExpand | None = None,
+    wait_late: bool = False,
 ) -> torch.Tensor:
     """out_pairs [M, k, H] = w_p · (h W_down[e]ᵀ + LoRA delta) of every pair; `lora` carries
-    shrink partials to expand here (a written Δ2 goes to `moe_sum` instead)."""
+    shrink partials to expand here (a written Δ2 goes to `moe_sum` instead).
+
+    `wait_late`: the launch just before wrote nothing this kernel reads (moe_lora's Δ2, which
+    `moe_sum` adds), so under PDL the whole GEMM runs before waiting for it (`WAIT_LATE`)."""
     if lora is not None and lora.delta is not None:
         raise ValueError("moe_down expands shrink partials; a written down delta goes to moe_sum")
     p, hidden, inter = align.num_pairs, w2.shape[1], w2.shape[2]
@@ -320,7 +338,7 @@ def moe_down(
         h.stride(0), w2.stride(0), w2.stride(1), hidden, *strides,
         DOT_PREC=dot_precision(h.dtype), BLOCK_M=align.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, EVEN_K=inter % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **lkw,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, WAIT_LATE=wait_late, **lkw,
         **pdl_launch(h.device),
     )  # fmt: skip
     return out

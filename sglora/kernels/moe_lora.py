@@ -430,11 +430,15 @@ def moe_lora_forward(
         delta = lora_expand(part, w.B, lora_align, k, e, token_slots, cfg.lora, x.dtype)
         return LoRAExpand(None, w.B, token_slots, delta)
 
-    h = moe_gate_up(x, w13, base, k, cfg.gate_up, activation, epilogue(x, gate_up, True))
+    # a written delta comes from the launch right before the base GEMM, which (under PDL) then
+    # streams its weights before waiting for that launch (wait_late)
+    h = moe_gate_up(
+        x, w13, base, k, cfg.gate_up, activation, epilogue(x, gate_up, True), wait_late=True
+    )
     down_lora = epilogue(h, down, False)
     if down_lora is not None and down_lora.delta is not None:
         # a written down delta joins the top-k sum, which streams it with the pairs' outputs,
         # rather than the down GEMM's epilogue, where its load after the K loop is exposed
-        out = moe_down(h, w2, base, topk_weights, cfg.down)
+        out = moe_down(h, w2, base, topk_weights, cfg.down, wait_late=True)
         return moe_sum(out, down_lora.delta, topk_weights, token_slots)
     return moe_sum(moe_down(h, w2, base, topk_weights, cfg.down, down_lora))

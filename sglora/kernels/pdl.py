@@ -15,6 +15,12 @@ writes, any store, and any early return (only loads of weights, which no kernel 
 precede it, as in the RMSNorm kernel). So a kernel that completes has waited for its
 predecessor, and kernels further back are covered transitively; kernels not launched with PDL
 (cuBLAS, PyTorch, NCCL) wait for their predecessor as usual.
+One exception, opted into per launch (`WAIT_LATE` of the fused MoE GEMMs, after the MoE-LoRA
+kernel that writes their delta): a kernel starts only once every program of its predecessor has
+passed that predecessor's own wait, so every kernel further back has completed and its writes
+are visible. A kernel that reads nothing its predecessor writes may therefore load (not store)
+before waiting: the base GEMM streams its weights and inputs while the LoRA kernel runs, and
+waits before it reads the delta, stores, or returns.
 Under the interpreter, on CPU and before sm90 both halves are off (the instructions are no-ops
 without PDL, but the interpreter cannot run inline assembly).
 """

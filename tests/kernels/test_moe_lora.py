@@ -163,3 +163,40 @@ def test_shrink_expand_split_over_programs(programs, shared_outer, monkeypatch):
     per_program, parts = programs
     monkeypatch.setattr(ml, "shrink_expand_programs", lambda p, subs, dev: (per_program, parts))
     run_case(13, 48, 40, 8, 3, DTYPES[-1], True, "split", shared_outer)
+
+
+@pytest.mark.skipif(
+    DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs sm90+"
+)
+@pytest.mark.parametrize("m", [8, 96])
+def test_wait_late_under_pdl_equals_eager(m):
+    """Graph replays under PDL, where the base GEMMs stream their weights and inputs before
+    waiting for the MoE-LoRA kernel that writes their delta (WAIT_LATE), equal the eager launches
+    bit for bit. The layer's input comes from the kernel launched just before the layer, so a
+    GEMM that read it before that kernel had finished would show here."""
+    from sglora import kernels
+    from sglora.kernels.norm import rmsnorm
+
+    h, i, e, k = 1024, 384, 32, 4
+    x0, w13, w2, tw, ti = moe_inputs(m, h, i, e, k, torch.bfloat16, seed=5)
+    norm_w = torch.rand(h, device=DEVICE, dtype=torch.bfloat16) + 0.5
+    slots = torch.arange(m, device=DEVICE) % len(RANKS)
+    gate_up = expert_lora(2, h, i, e, e, torch.bfloat16, seed=1)
+    down = expert_lora(1, i, h, e, e, torch.bfloat16, seed=2)
+    gemm = GemmConfig(64, 64, 1, 4, 3)
+    cfg = MoEConfig(16, gemm, gemm, LoRAConfig(16, 1, 64, False, 64, 4, 2))  # writes Δ
+
+    def layer():
+        x = rmsnorm(x0, norm_w, 1e-6)
+        return moe_lora_forward(x, w13, w2, tw, ti, slots, gate_up, down, config=cfg)
+
+    want = layer()
+    with kernels.pdl_launches(True):
+        layer()  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = layer()
+    for _ in range(50):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
