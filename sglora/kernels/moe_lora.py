@@ -31,12 +31,14 @@ slots [M]; sorted_ids / block_group from moe_align.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from sglora import kernels
 from sglora.kernels.fused_moe import _check_moe_inputs, moe_down, moe_gate_up, moe_sum
 from sglora.kernels.lora_token import num_sms
 from sglora.kernels.moe_align import (
@@ -430,15 +432,22 @@ def moe_lora_forward(
         delta = lora_expand(part, w.B, lora_align, k, e, token_slots, cfg.lora, x.dtype)
         return LoRAExpand(None, w.B, token_slots, delta)
 
-    # a written delta comes from the launch right before the base GEMM, which (under PDL) then
-    # streams its weights before waiting for that launch (wait_late)
-    h = moe_gate_up(
-        x, w13, base, k, cfg.gate_up, activation, epilogue(x, gate_up, True), wait_late=True
-    )
-    down_lora = epilogue(h, down, False)
-    if down_lora is not None and down_lora.delta is not None:
+    # A written delta comes from the launch right before the base GEMM, which (under PDL) then
+    # streams its weights before waiting for that launch (wait_late). These chains launch with
+    # PDL in every decode graph (kernels.PDL_DELTA_CHAINS), also the large ones that leave it
+    # off elsewhere: H200, bs 256 / 512, -1.2% / -1.4% a step
+    # (benchmarks/results/attention_one_launch_delta_chains_h200.log).
+    chains = kernels.PDL_DELTA_CHAINS and not in_epilogue and m > 1
+    with kernels.pdl_launches(True) if chains else contextlib.nullcontext():
+        h = moe_gate_up(
+            x, w13, base, k, cfg.gate_up, activation, epilogue(x, gate_up, True), wait_late=True
+        )
+        down_lora = epilogue(h, down, False)
+        written = down_lora is not None and down_lora.delta is not None
+        if written:
+            out = moe_down(h, w2, base, topk_weights, cfg.down, wait_late=True)
+    if written:
         # a written down delta joins the top-k sum, which streams it with the pairs' outputs,
         # rather than the down GEMM's epilogue, where its load after the K loop is exposed
-        out = moe_down(h, w2, base, topk_weights, cfg.down, wait_late=True)
         return moe_sum(out, down_lora.delta, topk_weights, token_slots)
     return moe_sum(moe_down(h, w2, base, topk_weights, cfg.down, down_lora))

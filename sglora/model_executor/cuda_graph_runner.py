@@ -11,7 +11,8 @@ here, the attention backend's split-KV state (`init_cuda_graph_state`), and the 
 (plus the csgmv backend's chunk table, rebuilt on the host and copied into place).
 
 Graphs of at most PDL_MAX_BS requests are captured with programmatic dependent launch of the
-Triton kernels (kernels/pdl.py) on sm90+, unless --disable-pdl.
+Triton kernels (kernels/pdl.py) on sm90+, unless --disable-pdl; larger ones only for the
+MoE-LoRA delta chains (kernels.pdl_launches).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class CudaGraphRunner:
         self.mempool = torch.cuda.graph_pool_handle()
         from sglora.kernels.pdl import pdl_supported  # imports Triton: CUDA only
 
-        pdl = not runner.args.disable_pdl and pdl_supported(dev)
-        self.pdl_sizes = [bs for bs in self.sizes if pdl and bs <= PDL_MAX_BS]
+        self.pdl = not runner.args.disable_pdl and pdl_supported(dev)
+        self.pdl_sizes = [bs for bs in self.sizes if self.pdl and bs <= PDL_MAX_BS]
         self.capture()
 
     # ---- capture -----------------------------------------------------------------------------
@@ -110,7 +111,7 @@ class CudaGraphRunner:
                 self.runner.attn_backend.init_forward_metadata(fb)
                 fb.lora = self._static_lora_info(bs) if pool == "lora" else None
                 self._set_active_lora(fb.lora)
-                with pdl_launches(bs in self.pdl_sizes):
+                with pdl_launches(bs in self.pdl_sizes, delta_chains=self.pdl):
                     for _ in range(2):  # warm up: autotuning, lazy allocations
                         self.runner.model(fb)
                     torch.cuda.synchronize()

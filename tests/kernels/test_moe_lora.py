@@ -169,11 +169,13 @@ def test_shrink_expand_split_over_programs(programs, shared_outer, monkeypatch):
     DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs sm90+"
 )
 @pytest.mark.parametrize("m", [8, 96])
-def test_wait_late_under_pdl_equals_eager(m):
+@pytest.mark.parametrize("everywhere", [True, False], ids=["pdl", "delta_chains"])
+def test_wait_late_under_pdl_equals_eager(m, everywhere):
     """Graph replays under PDL, where the base GEMMs stream their weights and inputs before
     waiting for the MoE-LoRA kernel that writes their delta (WAIT_LATE), equal the eager launches
-    bit for bit. The layer's input comes from the kernel launched just before the layer, so a
-    GEMM that read it before that kernel had finished would show here."""
+    bit for bit, with PDL for every kernel or for the delta chains alone (large decode graphs).
+    The layer's input comes from the kernel launched just before the layer, so a GEMM that read
+    it before that kernel had finished would show here."""
     from sglora import kernels
     from sglora.kernels.norm import rmsnorm
 
@@ -191,7 +193,7 @@ def test_wait_late_under_pdl_equals_eager(m):
         return moe_lora_forward(x, w13, w2, tw, ti, slots, gate_up, down, config=cfg)
 
     want = layer()
-    with kernels.pdl_launches(True):
+    with kernels.pdl_launches(everywhere, delta_chains=True):
         layer()  # compile outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

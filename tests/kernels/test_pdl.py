@@ -19,15 +19,17 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_pdl_is_off_outside_the_switch_and_restored_after_it():
-    assert not kernels.PDL_ENABLED
+    assert not kernels.PDL_ENABLED and not kernels.PDL_DELTA_CHAINS
     with pytest.raises(RuntimeError):
         with kernels.pdl_launches(True):
-            assert kernels.PDL_ENABLED
+            assert kernels.PDL_ENABLED and kernels.PDL_DELTA_CHAINS
             with kernels.pdl_launches(False):
-                assert not pdl_on(DEVICE)
-            assert kernels.PDL_ENABLED
+                assert not pdl_on(DEVICE) and not kernels.PDL_DELTA_CHAINS
+            with kernels.pdl_launches(False, delta_chains=True):
+                assert not kernels.PDL_ENABLED and kernels.PDL_DELTA_CHAINS
+            assert kernels.PDL_ENABLED and kernels.PDL_DELTA_CHAINS
             raise RuntimeError("a capture that fails")
-    assert not kernels.PDL_ENABLED
+    assert not kernels.PDL_ENABLED and not kernels.PDL_DELTA_CHAINS
     assert pdl_launch(DEVICE) == {"USE_PDL": False, "launch_pdl": False}
 
 
