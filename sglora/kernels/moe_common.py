@@ -34,6 +34,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def hopper_or_newer(device: torch.device) -> bool:
+    """A CUDA device of sm90 or newer (PDL, TMA), not under the interpreter."""
+    if device.type != "cuda" or interpreting():
+        return False
+    return _sm90(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 # ---- launcher checks -------------------------------------------------------------------------
 
 

@@ -27,26 +27,17 @@ without PDL, but the interpreter cannot run inline assembly).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 import sglora.kernels
-from sglora.kernels.moe_common import interpreting
+from sglora.kernels.moe_common import hopper_or_newer
 
 
 def pdl_supported(device: torch.device) -> bool:
     """A CUDA device of sm90 or newer, not under the interpreter."""
-    if device.type != "cuda" or interpreting():
-        return False
-    return _sm90_or_newer(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _sm90_or_newer(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    return hopper_or_newer(device)
 
 
 def pdl_on(device: torch.device) -> bool:

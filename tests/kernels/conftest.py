@@ -5,6 +5,7 @@ import importlib
 import os
 import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "") in ("", "0"):
@@ -14,3 +15,12 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "") in (
     for name in ("triton.language.standard", "triton.language.random", "triton.language"):
         if name in sys.modules:
             importlib.reload(sys.modules[name])
+
+
+@pytest.fixture(params=[False, True], ids=["ptr_weights", "tma_weights"])
+def weights_path(request, monkeypatch):
+    """The fused MoE GEMMs read expert weights through pointer loads or TMA descriptors
+    (fused_moe.TMA_WEIGHTS; the interpreter runs both)."""
+    import sglora.kernels.fused_moe as fused_moe  # after TRITON_INTERPRET is set above
+
+    monkeypatch.setattr(fused_moe, "TMA_WEIGHTS", request.param)

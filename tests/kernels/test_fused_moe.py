@@ -49,7 +49,7 @@ SHAPES = [  # (M, H, I, E, k, duplicated top-k)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_fused_moe_matches_reference(shape, dtype):
+def test_fused_moe_matches_reference(shape, dtype, weights_path):
     m, h, i, e, k, dup = shape
     x, w13, w2, tw, ti = moe_inputs(m, h, i, e, k, dtype, seed=m, duplicates=dup)
     out = fused_moe(x, w13, w2, tw, ti, config=SMALL)

@@ -86,7 +86,7 @@ SHAPES = [(1, 64, 32, 4, 2), (13, 48, 40, 8, 3), (40, 32, 32, 6, 2)]  # (M, H, I
 @pytest.mark.parametrize("virtual", [True, False], ids=["virtual_experts", "fused"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_moe_lora_matches_reference(shape, dtype, virtual):
+def test_moe_lora_matches_reference(shape, dtype, virtual, weights_path):
     run_case(*shape, dtype, virtual, lora="split" if shape[0] % 2 else "split_epilogue")
 
 
@@ -110,7 +110,7 @@ def test_moe_lora_variants(virtual, lora, shared_outer, sides, dup):
     "shared_outer,sides,dup",
     [(False, "both", False), (True, "both", True), (False, "gate_up", True), (True, "down", False)],
 )
-def test_moe_lora_one_token(slot, shared_outer, sides, dup):
+def test_moe_lora_one_token(slot, shared_outer, sides, dup, weights_path):
     """One token: the base kernels compute the shrink in their K loops (INLINE), here with H and
     I off the K block (masked K tails) and duplicated experts among the token's top-k."""
     slots = torch.tensor([slot], device=DEVICE)
