@@ -35,6 +35,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sglora.kernels.activation import apply_act
+from sglora.kernels.device import hopper_or_newer
 from sglora.kernels.moe_align import MoEAlignment, align_by_expert
 from sglora.kernels.moe_common import (
     KERNEL_DTYPES,
@@ -45,7 +46,6 @@ from sglora.kernels.moe_common import (
     check_tensor,
     dot_precision,
     get_moe_config,
-    hopper_or_newer,
 )
 from sglora.kernels.moe_lora_epilogue import (
     LoRAExpand,

@@ -31,13 +31,11 @@ Pointer layouts (element strides; the last dimension of every tensor must be con
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from sglora.kernels.device import interpreting, num_sms
 from sglora.kernels.pdl import pdl_launch, pdl_wait
 
 MAX_SLICES = 3  # q/k/v
@@ -197,10 +195,6 @@ def _lora_embedding_shrink_kernel(
 # ---- launchers -------------------------------------------------------------------------------
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def check_device(*tensors: torch.Tensor) -> None:
     dev = tensors[0].device
     for t in tensors:
@@ -278,17 +272,6 @@ def precision(dtype: torch.dtype) -> str:
 
 def pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(1, n)))
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def expand_block_n(out_sizes: tuple[int, ...]) -> int:

@@ -18,32 +18,17 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from sglora.kernels.device import interpreting
+
 CONFIG_DIR = Path(__file__).with_name("configs")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # activation name (layers/activation.py) -> ACT constexpr of the kernels
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def hopper_or_newer(device: torch.device) -> bool:
-    """A CUDA device of sm90 or newer (PDL, TMA), not under the interpreter."""
-    if device.type != "cuda" or interpreting():
-        return False
-    return _sm90(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 # ---- launcher checks -------------------------------------------------------------------------

@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 
 from sglora import kernels
+from sglora.kernels.device import num_sms
 from sglora.kernels.fused_moe import _check_moe_inputs, moe_down, moe_gate_up, moe_sum
-from sglora.kernels.lora_token import num_sms
 from sglora.kernels.moe_align import (
     MoEAlignment,
     align_by_expert,

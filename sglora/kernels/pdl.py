@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 import sglora.kernels
-from sglora.kernels.moe_common import hopper_or_newer
+from sglora.kernels.device import hopper_or_newer
 
 
 def pdl_supported(device: torch.device) -> bool:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sglora import kernels
-from sglora.kernels.moe_common import interpreting
+from sglora.kernels.device import interpreting
 from sglora.kernels.norm import fused_add_rmsnorm
 from sglora.kernels.pdl import pdl_launch, pdl_on
 from sglora.kernels.reference import fused_add_rmsnorm_ref
