@@ -69,7 +69,7 @@ def _gated_act(g, u, ACT: tl.constexpr):
 def _tile(
     block_group_ptr, num_pid_m, num_pid_n, GROUP_M: tl.constexpr, PAIRED: tl.constexpr,
 ):  # fmt: skip
-    """Program -> (n tile, alignment block b, its expert (-1: no tile here), two blocks?) in
+    """Program -> (n tile, alignment block b, its expert (-1: no tile here), 1 if two blocks) in
     grouped order, so that GROUP_M consecutive blocks sweep the same weight columns together
     (L2 reuse). PAIRED (MoEConfig.half_blocks, blocks of half the tile height): blocks 2i and
     2i+1 of one expert make one full-height tile, run by the program of block 2i; any other
@@ -81,11 +81,11 @@ def _tile(
     pid_m = first_m + (pid % in_group) % size_m
     pid_n = (pid % in_group) // size_m
     e = tl.load(block_group_ptr + pid_m)
-    two = False
+    two = 0
     if PAIRED:
         partner = pid_m ^ 1
         same = tl.load(block_group_ptr + partner, mask=partner < num_pid_m, other=-1) == e
-        two = same & (pid_m % 2 == 0)
+        two = (same & (pid_m % 2 == 0)).to(tl.int32)
         e = tl.where(same & (pid_m % 2 == 1), -1, e)  # the program of block 2i runs it
     return pid_n, pid_m, e, two
 
@@ -110,27 +110,18 @@ def _gate_up_kernel(
         if WAIT_LATE:
             pdl_wait(USE_PDL)
         return
-    if PAIRED:
-        if two:  # blocks blk and blk + 1: one full-height tile
+    # t = 1: blocks blk and blk + 1 make one full-height tile (PAIRED only); t = 0: one block
+    for t in tl.static_range(2 if PAIRED else 1):
+        if two == t:
             _gate_up_tile(
                 x_ptr, w_ptr, h_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr, sorted_ids_ptr,
                 blk * BLOCK_M, e, pid_n, num_pairs, top_k, I, K, R, SPLIT,
                 stride_xm, stride_we, stride_wn, stride_hm,
                 stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
                 stride_as, stride_ae, stride_ar,
-                ACT, HAS_LORA, DELTA, INLINE, NUM_SLOTS, DOT_PREC, 2 * BLOCK_M, BLOCK_N, BLOCK_K,
-                BLOCK_R, EVEN_K, W_DESC, WAIT_LATE, USE_PDL,
+                ACT, HAS_LORA, DELTA, INLINE, NUM_SLOTS, DOT_PREC, BLOCK_M * (t + 1), BLOCK_N,
+                BLOCK_K, BLOCK_R, EVEN_K, W_DESC, WAIT_LATE, USE_PDL,
             )  # fmt: skip
-            return
-    _gate_up_tile(
-        x_ptr, w_ptr, h_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr, sorted_ids_ptr,
-        blk * BLOCK_M, e, pid_n, num_pairs, top_k, I, K, R, SPLIT,
-        stride_xm, stride_we, stride_wn, stride_hm,
-        stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
-        stride_as, stride_ae, stride_ar,
-        ACT, HAS_LORA, DELTA, INLINE, NUM_SLOTS, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K,
-        BLOCK_R, EVEN_K, W_DESC, WAIT_LATE, USE_PDL,
-    )  # fmt: skip
 
 
 @triton.jit
@@ -249,28 +240,18 @@ def _down_kernel(
         if WAIT_LATE:
             pdl_wait(USE_PDL)
         return
-    if PAIRED:
-        if two:  # blocks blk and blk + 1: one full-height tile
+    # t = 1: blocks blk and blk + 1 make one full-height tile (PAIRED only); t = 0: one block
+    for t in tl.static_range(2 if PAIRED else 1):
+        if two == t:
             _down_tile(
                 h_ptr, w_ptr, out_ptr, tw_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr,
-                sorted_ids_ptr,
-                blk * BLOCK_M, e, pid_n, num_pairs, top_k, N, K, R, SPLIT,
+                sorted_ids_ptr, blk * BLOCK_M, e, pid_n, num_pairs, top_k, N, K, R, SPLIT,
                 stride_hm, stride_we, stride_wn, stride_om,
                 stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
                 stride_as, stride_ae, stride_ar,
-                HAS_LORA, DELTA, INLINE, NUM_SLOTS, DOT_PREC, 2 * BLOCK_M, BLOCK_N, BLOCK_K,
-                BLOCK_R, EVEN_K, W_DESC, WAIT_LATE, USE_PDL,
+                HAS_LORA, DELTA, INLINE, NUM_SLOTS, DOT_PREC, BLOCK_M * (t + 1), BLOCK_N,
+                BLOCK_K, BLOCK_R, EVEN_K, W_DESC, WAIT_LATE, USE_PDL,
             )  # fmt: skip
-            return
-    _down_tile(
-        h_ptr, w_ptr, out_ptr, tw_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr, sorted_ids_ptr,
-        blk * BLOCK_M, e, pid_n, num_pairs, top_k, N, K, R, SPLIT,
-        stride_hm, stride_we, stride_wn, stride_om,
-        stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
-        stride_as, stride_ae, stride_ar,
-        HAS_LORA, DELTA, INLINE, NUM_SLOTS, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K,
-        BLOCK_R, EVEN_K, W_DESC, WAIT_LATE, USE_PDL,
-    )  # fmt: skip
 
 
 @triton.jit
