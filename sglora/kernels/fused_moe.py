@@ -106,6 +106,7 @@ def _gate_up_kernel(
     if not WAIT_LATE:
         pdl_wait(USE_PDL)
     pid_n, blk, e, two = _tile(block_group_ptr, num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M, PAIRED)
+    rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))  # with e's load
     if e < 0:
         if WAIT_LATE:
             pdl_wait(USE_PDL)
@@ -113,9 +114,13 @@ def _gate_up_kernel(
     # t = 1: blocks blk and blk + 1 make one full-height tile (PAIRED only); t = 0: one block
     for t in tl.static_range(2 if PAIRED else 1):
         if two == t:
+            if t == 1:
+                tile_rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + tl.arange(0, 2 * BLOCK_M))
+            else:
+                tile_rows = rows
             _gate_up_tile(
-                x_ptr, w_ptr, h_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr, sorted_ids_ptr,
-                blk * BLOCK_M, e, pid_n, num_pairs, top_k, I, K, R, SPLIT,
+                x_ptr, w_ptr, h_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr,
+                tile_rows, e, pid_n, num_pairs, top_k, I, K, R, SPLIT,
                 stride_xm, stride_we, stride_wn, stride_hm,
                 stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
                 stride_as, stride_ae, stride_ar,
@@ -126,8 +131,8 @@ def _gate_up_kernel(
 
 @triton.jit
 def _gate_up_tile(
-    x_ptr, w_ptr, h_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr, sorted_ids_ptr,
-    first, e, pid_n, num_pairs, top_k, I, K, R, SPLIT,
+    x_ptr, w_ptr, h_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr,
+    rows, e, pid_n, num_pairs, top_k, I, K, R, SPLIT,
     stride_xm, stride_we, stride_wn, stride_hm,
     stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
     stride_as, stride_ae, stride_ar,
@@ -136,8 +141,7 @@ def _gate_up_tile(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr,
     W_DESC: tl.constexpr, WAIT_LATE: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    """One [BLOCK_M rows from sorted_ids[first], BLOCK_N columns] tile of expert e."""
-    rows = tl.load(sorted_ids_ptr + first + tl.arange(0, BLOCK_M))
+    """One tile of expert e: pair ids `rows` [BLOCK_M] (P: padding), BLOCK_N columns."""
     row_ok = rows < num_pairs
     tok = (rows // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -236,6 +240,7 @@ def _down_kernel(
     if not WAIT_LATE:
         pdl_wait(USE_PDL)
     pid_n, blk, e, two = _tile(block_group_ptr, num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M, PAIRED)
+    rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))  # with e's load
     if e < 0:
         if WAIT_LATE:
             pdl_wait(USE_PDL)
@@ -243,9 +248,13 @@ def _down_kernel(
     # t = 1: blocks blk and blk + 1 make one full-height tile (PAIRED only); t = 0: one block
     for t in tl.static_range(2 if PAIRED else 1):
         if two == t:
+            if t == 1:
+                tile_rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + tl.arange(0, 2 * BLOCK_M))
+            else:
+                tile_rows = rows
             _down_tile(
                 h_ptr, w_ptr, out_ptr, tw_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr,
-                sorted_ids_ptr, blk * BLOCK_M, e, pid_n, num_pairs, top_k, N, K, R, SPLIT,
+                tile_rows, e, pid_n, num_pairs, top_k, N, K, R, SPLIT,
                 stride_hm, stride_we, stride_wn, stride_om,
                 stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
                 stride_as, stride_ae, stride_ar,
@@ -256,8 +265,8 @@ def _down_kernel(
 
 @triton.jit
 def _down_tile(
-    h_ptr, w_ptr, out_ptr, tw_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr, sorted_ids_ptr,
-    first, e, pid_n, num_pairs, top_k, N, K, R, SPLIT,
+    h_ptr, w_ptr, out_ptr, tw_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr,
+    rows, e, pid_n, num_pairs, top_k, N, K, R, SPLIT,
     stride_hm, stride_we, stride_wn, stride_om,
     stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
     stride_as, stride_ae, stride_ar,
@@ -266,8 +275,7 @@ def _down_tile(
     BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr,
     W_DESC: tl.constexpr, WAIT_LATE: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    """One [BLOCK_M rows from sorted_ids[first], BLOCK_N columns] tile of expert e."""
-    rows = tl.load(sorted_ids_ptr + first + tl.arange(0, BLOCK_M))
+    """One tile of expert e: pair ids `rows` [BLOCK_M] (P: padding), BLOCK_N columns."""
     row_ok = rows < num_pairs
     rows64 = rows.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
