@@ -1,9 +1,8 @@
 """Tune the MoE kernel block configs on this GPU and write sglora/kernels/configs/moe_<device>.json
 (read by `kernels/moe_common.get_moe_config`).
 
-For each M: every BLOCK_M that suits the pairs per expert (from 64 also with half blocks:
-MoEConfig.half_blocks), with a grid of gate_up and down tiles timed separately (CUDA-graph
-replays, median), the best BLOCK_M kept; then the MoE-LoRA shrink
+For each M: every BLOCK_M that suits the pairs per expert, with a grid of gate_up and down tiles
+timed separately (CUDA-graph replays, median), the best BLOCK_M kept; then the MoE-LoRA shrink
 settings (virtual-expert block, split-K, K tile) timed on the whole LoRA layer with min(M, 8)
 adapters of rank 16. Kernels are compiled first by `--jobs` worker processes into Triton's
 on-disk cache, so the GPU time goes to timing. `--tp N` tunes the per-rank shape of a server
@@ -110,20 +109,20 @@ class Problem:
         self.slots = (torch.arange(m, device="cuda") % n).long()
         self.gu, self.dn = pools[n]
 
-    def gate_up(self, bm: int, c: GemmConfig, half: bool = False):
+    def gate_up(self, bm: int, c: GemmConfig):
         from sglora.kernels.fused_moe import moe_gate_up
         from sglora.kernels.moe_align import moe_align
 
-        align = moe_align(self.ti, self.e, bm // 2 if half else bm)
-        return lambda: moe_gate_up(self.x, self.w13, align, self.k, c, paired=half)
+        align = moe_align(self.ti, self.e, bm)
+        return lambda: moe_gate_up(self.x, self.w13, align, self.k, c)
 
-    def down(self, bm: int, c: GemmConfig, half: bool = False):
+    def down(self, bm: int, c: GemmConfig):
         from sglora.kernels.fused_moe import moe_down
         from sglora.kernels.moe_align import moe_align
 
-        align = moe_align(self.ti, self.e, bm // 2 if half else bm)
+        align = moe_align(self.ti, self.e, bm)
         h = torch.randn(self.m * self.k, self.w2.shape[2], device="cuda").bfloat16()
-        return lambda: moe_down(h, self.w2, align, self.tw, c, paired=half)
+        return lambda: moe_down(h, self.w2, align, self.tw, c)
 
     def lora(self, cfg: MoEConfig):
         from sglora.kernels.moe_lora import moe_lora_forward
@@ -133,19 +132,13 @@ class Problem:
         )
 
 
-def tilings(m: int, k: int, e: int) -> list[tuple[int, bool]]:
-    """(BLOCK_M, half blocks) to time: half blocks only where a tile is at least 64 rows."""
-    bms = block_ms(m, k, e)
-    return [(bm, False) for bm in bms] + [(bm, True) for bm in bms if bm >= 64]
-
-
 def base_tasks(m: int, shape: dict) -> list[tuple]:
     k, e = shape["k"], shape["E"]
     return [
-        (kind, m, tiling, c)
-        for tiling in tilings(m, k, e)
+        (kind, m, bm, c)
+        for bm in block_ms(m, k, e)
         for kind in ("gate_up", "down")
-        for c in gemm_cands(kind, tiling[0])
+        for c in gemm_cands(kind, bm)
     ]
 
 
@@ -173,15 +166,15 @@ def _compile_worker(tasks: list[tuple], shape: dict) -> int:
     w13, w2, pools = _shared(shape)
     probs: dict[int, Problem] = {}
     bad = 0
-    for kind, m, tiling, c in tasks:
+    for kind, m, bm, c in tasks:
         p = probs.setdefault(m, Problem(m, shape, w13, w2, pools))
         try:
             if kind == "lora":
                 p.lora(c)()
             else:
-                getattr(p, kind)(*tiling, GemmConfig(*c))()
+                getattr(p, kind)(bm, GemmConfig(*c))()
         except Exception as exc:  # a config the compiler rejects (e.g. out of shared memory)
-            print(f"compile {kind} M={m} {tiling} {c}: {type(exc).__name__}: {exc}"[:300])
+            print(f"compile {kind} M={m} BM={bm} {c}: {type(exc).__name__}: {exc}"[:300])
             bad += 1
     torch.cuda.synchronize()
     return bad
@@ -205,44 +198,37 @@ def timed(fn) -> float:
         return float("inf")
 
 
-def fastest(p: Problem, kind: str, tiling: tuple[int, bool]) -> tuple:
-    """The candidate GEMM config of `kind` that times fastest with this tiling."""
-    run = getattr(p, kind)
-    return min(gemm_cands(kind, tiling[0]), key=lambda c: timed(run(*tiling, GemmConfig(*c))))
-
-
 def tune(
     ms: list[int], jobs: int, shape: dict, base_from: dict | None = None, wide: bool = False
 ) -> dict:
     """Tuned table {M: config}; with `base_from` (a table) only the LoRA settings are tuned."""
     w13, w2, pools = _shared(shape)
-    best_base: dict[int, MoEConfig] = {}  # base settings; the LoRA ones are tuned below
+    best_base: dict[int, tuple] = {}
     if base_from is not None:
         for m in ms:
-            best_base[m] = config_from_dict(base_from[str(m)])
+            c = config_from_dict(base_from[str(m)])
+            best_base[m] = (c.block_m, c.gate_up, c.down)
     else:
         precompile([t for m in ms for t in base_tasks(m, shape)], jobs, shape)
     for m in ms if base_from is None else []:
         p = Problem(m, shape, w13, w2, pools)
-        per_tiling = {}
-        for tiling in tilings(m, p.k, p.e):
-            gu, dn = (fastest(p, kind, tiling) for kind in ("gate_up", "down"))
-            t = timed(p.gate_up(*tiling, GemmConfig(*gu))) + timed(p.down(*tiling, GemmConfig(*dn)))
-            per_tiling[tiling] = (t, gu, dn)
-            print(f"M={m} (BM, half) {tiling}: {t:.4f} ms gate_up {gu} down {dn}", flush=True)
-        tiling = min(per_tiling, key=lambda b: per_tiling[b][0])
-        _, gu, dn = per_tiling[tiling]
-        best_base[m] = MoEConfig(
-            tiling[0], GemmConfig(*gu), GemmConfig(*dn), LoRAConfig(), half_blocks=tiling[1]
-        )
+        per_bm = {}
+        for bm in block_ms(m, p.k, p.e):
+            gu = min(gemm_cands("gate_up", bm), key=lambda c: timed(p.gate_up(bm, GemmConfig(*c))))
+            dn = min(gemm_cands("down", bm), key=lambda c: timed(p.down(bm, GemmConfig(*c))))
+            t = timed(p.gate_up(bm, GemmConfig(*gu))) + timed(p.down(bm, GemmConfig(*dn)))
+            per_bm[bm] = (t, gu, dn)
+            print(f"M={m} BM={bm}: {t:.4f} ms gate_up {gu} down {dn}", flush=True)
+        bm = min(per_bm, key=lambda b: per_bm[b][0])
+        best_base[m] = (bm, GemmConfig(*per_bm[bm][1]), GemmConfig(*per_bm[bm][2]))
     lora_tasks = [
-        ("lora", m, 0, best_base[m]._replace(lora=lc)) for m in ms for lc in lora_cands(m, wide)
+        ("lora", m, 0, MoEConfig(*best_base[m], lc)) for m in ms for lc in lora_cands(m, wide)
     ]
     precompile(lora_tasks, jobs, shape)
     table = {}
     for m in ms:
         p = Problem(m, shape, w13, w2, pools)
-        cands = [best_base[m]._replace(lora=lc) for lc in lora_cands(m, wide)]
+        cands = [MoEConfig(*best_base[m], lc) for lc in lora_cands(m, wide)]
         times = [timed(p.lora(c)) for c in cands]
         best = cands[min(range(len(cands)), key=times.__getitem__)]
         print(f"M={m} lora: {min(times):.4f} ms {best.lora}", flush=True)
@@ -251,7 +237,6 @@ def tune(
             "gate_up": best.gate_up._asdict(),
             "down": best.down._asdict(),
             "lora": best.lora._asdict(),
-            **({"half_blocks": True} if best.half_blocks else {}),
         }
     return table
 

@@ -66,14 +66,12 @@ def _gated_act(g, u, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile(
-    block_group_ptr, num_pid_m, num_pid_n, GROUP_M: tl.constexpr, PAIRED: tl.constexpr,
+def _tile_rows(
+    sorted_ids_ptr, block_group_ptr, num_pid_m, num_pid_n,
+    GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """Program -> (n tile, alignment block b, its expert (-1: no tile here), 1 if two blocks) in
-    grouped order, so that GROUP_M consecutive blocks sweep the same weight columns together
-    (L2 reuse). PAIRED (MoEConfig.half_blocks, blocks of half the tile height): blocks 2i and
-    2i+1 of one expert make one full-height tile, run by the program of block 2i; any other
-    block is a half-height tile of its own."""
+    """Program -> (n tile, expert (-1: unused block), pair ids [BLOCK_M]) in grouped order, so
+    that GROUP_M consecutive blocks sweep the same weight columns together (L2 reuse)."""
     pid = tl.program_id(0)
     in_group = GROUP_M * num_pid_n
     first_m = (pid // in_group) * GROUP_M
@@ -81,13 +79,8 @@ def _tile(
     pid_m = first_m + (pid % in_group) % size_m
     pid_n = (pid % in_group) // size_m
     e = tl.load(block_group_ptr + pid_m)
-    two = 0
-    if PAIRED:
-        partner = pid_m ^ 1
-        same = tl.load(block_group_ptr + partner, mask=partner < num_pid_m, other=-1) == e
-        two = (same & (pid_m % 2 == 0)).to(tl.int32)
-        e = tl.where(same & (pid_m % 2 == 1), -1, e)  # the program of block 2i runs it
-    return pid_n, pid_m, e, two
+    rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    return pid_n, e, rows
 
 
 @triton.jit
@@ -100,48 +93,19 @@ def _gate_up_kernel(
     ACT: tl.constexpr, HAS_LORA: tl.constexpr, DELTA: tl.constexpr, INLINE: tl.constexpr,
     NUM_SLOTS: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PAIRED: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
     W_DESC: tl.constexpr, WAIT_LATE: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     if not WAIT_LATE:
         pdl_wait(USE_PDL)
-    pid_n, blk, e, two = _tile(block_group_ptr, num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M, PAIRED)
-    rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))  # with e's load
+    num_pid_n = tl.cdiv(I, BLOCK_N)
+    pid_n, e, rows = _tile_rows(
+        sorted_ids_ptr, block_group_ptr, num_pid_m, num_pid_n, GROUP_M, BLOCK_M
+    )
     if e < 0:
         if WAIT_LATE:
             pdl_wait(USE_PDL)
         return
-    # t = 1: blocks blk and blk + 1 make one full-height tile (PAIRED only); t = 0: one block
-    for t in tl.static_range(2 if PAIRED else 1):
-        if two == t:
-            if t == 1:
-                tile_rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + tl.arange(0, 2 * BLOCK_M))
-            else:
-                tile_rows = rows
-            _gate_up_tile(
-                x_ptr, w_ptr, h_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr,
-                tile_rows, e, pid_n, num_pairs, top_k, I, K, R, SPLIT,
-                stride_xm, stride_we, stride_wn, stride_hm,
-                stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
-                stride_as, stride_ae, stride_ar,
-                ACT, HAS_LORA, DELTA, INLINE, NUM_SLOTS, DOT_PREC, BLOCK_M * (t + 1), BLOCK_N,
-                BLOCK_K, BLOCK_R, EVEN_K, W_DESC, WAIT_LATE, USE_PDL,
-            )  # fmt: skip
-
-
-@triton.jit
-def _gate_up_tile(
-    x_ptr, w_ptr, h_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr,
-    rows, e, pid_n, num_pairs, top_k, I, K, R, SPLIT,
-    stride_xm, stride_we, stride_wn, stride_hm,
-    stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
-    stride_as, stride_ae, stride_ar,
-    ACT: tl.constexpr, HAS_LORA: tl.constexpr, DELTA: tl.constexpr, INLINE: tl.constexpr,
-    NUM_SLOTS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr,
-    W_DESC: tl.constexpr, WAIT_LATE: tl.constexpr, USE_PDL: tl.constexpr,
-):  # fmt: skip
-    """One tile of expert e: pair ids `rows` [BLOCK_M] (P: padding), BLOCK_N columns."""
     row_ok = rows < num_pairs
     tok = (rows // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -234,48 +198,19 @@ def _down_kernel(
     stride_as, stride_ae, stride_ar,
     HAS_LORA: tl.constexpr, DELTA: tl.constexpr, INLINE: tl.constexpr, NUM_SLOTS: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PAIRED: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
     W_DESC: tl.constexpr, WAIT_LATE: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     if not WAIT_LATE:
         pdl_wait(USE_PDL)
-    pid_n, blk, e, two = _tile(block_group_ptr, num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M, PAIRED)
-    rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))  # with e's load
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_n, e, rows = _tile_rows(
+        sorted_ids_ptr, block_group_ptr, num_pid_m, num_pid_n, GROUP_M, BLOCK_M
+    )
     if e < 0:
         if WAIT_LATE:
             pdl_wait(USE_PDL)
         return
-    # t = 1: blocks blk and blk + 1 make one full-height tile (PAIRED only); t = 0: one block
-    for t in tl.static_range(2 if PAIRED else 1):
-        if two == t:
-            if t == 1:
-                tile_rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + tl.arange(0, 2 * BLOCK_M))
-            else:
-                tile_rows = rows
-            _down_tile(
-                h_ptr, w_ptr, out_ptr, tw_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr,
-                tile_rows, e, pid_n, num_pairs, top_k, N, K, R, SPLIT,
-                stride_hm, stride_we, stride_wn, stride_om,
-                stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
-                stride_as, stride_ae, stride_ar,
-                HAS_LORA, DELTA, INLINE, NUM_SLOTS, DOT_PREC, BLOCK_M * (t + 1), BLOCK_N,
-                BLOCK_K, BLOCK_R, EVEN_K, W_DESC, WAIT_LATE, USE_PDL,
-            )  # fmt: skip
-
-
-@triton.jit
-def _down_tile(
-    h_ptr, w_ptr, out_ptr, tw_ptr, s_ptr, b_ptr, d_ptr, slots_ptr, a_ptr,
-    rows, e, pid_n, num_pairs, top_k, N, K, R, SPLIT,
-    stride_hm, stride_we, stride_wn, stride_om,
-    stride_ss, stride_sm, stride_bs, stride_be, stride_bn, stride_dm,
-    stride_as, stride_ae, stride_ar,
-    HAS_LORA: tl.constexpr, DELTA: tl.constexpr, INLINE: tl.constexpr, NUM_SLOTS: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr,
-    W_DESC: tl.constexpr, WAIT_LATE: tl.constexpr, USE_PDL: tl.constexpr,
-):  # fmt: skip
-    """One tile of expert e: pair ids `rows` [BLOCK_M] (P: padding), BLOCK_N columns."""
     row_ok = rows < num_pairs
     rows64 = rows.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -383,13 +318,11 @@ def moe_gate_up(
     activation: str = "silu",
     lora: LoRAExpand | None = None,
     wait_late: bool = False,
-    paired: bool = False,
 ) -> torch.Tensor:
     """h [M·k, I] = act(gate) · up of every pair, with the LoRA expand of `lora` if given.
 
     `wait_late` (with lora.delta): the launch just before wrote Δ13 and nothing else this
-    kernel reads, so under PDL its base K loop runs before waiting for it (`WAIT_LATE`).
-    `paired`: `align` has blocks of half the tile height (MoEConfig.half_blocks, `_tile`)."""
+    kernel reads, so under PDL its base K loop runs before waiting for it (`WAIT_LATE`)."""
     p, inter, hidden = align.num_pairs, w13.shape[1] // 2, w13.shape[2]
     check_lora_expand("gate_up", lora, p, 2, inter, w13.shape[0], x, p // top_k)
     h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
@@ -404,8 +337,8 @@ def moe_gate_up(
         ACT=activation_id(activation), DOT_PREC=dot_precision(x.dtype), BLOCK_M=align.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         EVEN_K=hidden % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        PAIRED=paired, W_DESC=w is not w13,
-        WAIT_LATE=wait_late and lora is not None and lora.delta is not None, **lkw,
+        W_DESC=w is not w13, WAIT_LATE=wait_late and lora is not None and lora.delta is not None,
+        **lkw,
         **pdl_launch(x.device),
     )  # fmt: skip
     return h
@@ -419,14 +352,12 @@ def moe_down(
     cfg: GemmConfig,
     lora: LoRAExpand | None = None,
     wait_late: bool = False,
-    paired: bool = False,
 ) -> torch.Tensor:
     """out_pairs [M, k, H] = w_p · (h W_down[e]ᵀ + LoRA delta) of every pair; `lora` carries
     shrink partials to expand here (a written Δ2 goes to `moe_sum` instead).
 
     `wait_late`: the launch just before wrote nothing this kernel reads (moe_lora's Δ2, which
-    `moe_sum` adds), so under PDL the whole GEMM runs before waiting for it (`WAIT_LATE`).
-    `paired`: as for `moe_gate_up`."""
+    `moe_sum` adds), so under PDL the whole GEMM runs before waiting for it (`WAIT_LATE`)."""
     if lora is not None and lora.delta is not None:
         raise ValueError("moe_down expands shrink partials; a written down delta goes to moe_sum")
     p, hidden, inter = align.num_pairs, w2.shape[1], w2.shape[2]
@@ -445,7 +376,7 @@ def moe_down(
         h.stride(0), w2.stride(0), w2.stride(1), hidden, *strides,
         DOT_PREC=dot_precision(h.dtype), BLOCK_M=align.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, EVEN_K=inter % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, PAIRED=paired, W_DESC=w is not w2,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, W_DESC=w is not w2,
         WAIT_LATE=wait_late, **lkw,
         **pdl_launch(h.device),
     )  # fmt: skip
@@ -528,6 +459,6 @@ def fused_moe(
     if m == 0:
         return torch.zeros_like(x)
     cfg = config or get_moe_config(m, e, hidden, inter, k, x.dtype)
-    align = align_by_expert(topk_ids, e, cfg.align_block)
-    h = moe_gate_up(x, w13, align, k, cfg.gate_up, activation, paired=cfg.half_blocks)
-    return moe_sum(moe_down(h, w2, align, topk_weights, cfg.down, paired=cfg.half_blocks))
+    align = align_by_expert(topk_ids, e, cfg.block_m)
+    h = moe_gate_up(x, w13, align, k, cfg.gate_up, activation)
+    return moe_sum(moe_down(h, w2, align, topk_weights, cfg.down))

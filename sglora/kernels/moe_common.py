@@ -10,7 +10,7 @@ Config files are data produced by `scripts/tune_kernels.py`, one per device
       "expand_in_epilogue": false, "block_n": 128, "num_warps": 4, "num_stages": 3}}}}
 
 A shape without an entry gets the heuristic of `default_moe_config`; the nearest bucket of M
-(in log space) is used otherwise. An entry may add "half_blocks": true (MoEConfig).
+(in log space) is used otherwise.
 """
 
 from __future__ import annotations
@@ -98,18 +98,10 @@ class LoRAConfig(NamedTuple):
 
 
 class MoEConfig(NamedTuple):
-    block_m: int  # base GEMM tile height, shared by both GEMMs
+    block_m: int  # base alignment block, shared by both GEMMs
     gate_up: GemmConfig
     down: GemmConfig
     lora: LoRAConfig
-    # align to block_m / 2: two half blocks of one expert make a block_m tile, any other half
-    # block a tile of its own (fused_moe._tile), so an expert pads to half a tile
-    half_blocks: bool = False
-
-    @property
-    def align_block(self) -> int:
-        """Block size of the base alignment."""
-        return self.block_m // 2 if self.half_blocks else self.block_m
 
 
 def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, dtype: torch.dtype) -> str:
@@ -134,7 +126,6 @@ def config_from_dict(d: dict) -> MoEConfig:
         GemmConfig(**d["gate_up"]),
         GemmConfig(**d["down"]),
         LoRAConfig(**d.get("lora", {})),
-        d.get("half_blocks", False),
     )
 
 

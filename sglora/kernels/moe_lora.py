@@ -410,10 +410,10 @@ def moe_lora_forward(
     if virtual and (gate_up is not None or down is not None):
         slots = (gate_up or down).A.shape[0]
         base, lora_align = moe_align_base_and_virtual(
-            topk_ids, e, cfg.align_block, token_slots, slots, cfg.lora.block_m
+            topk_ids, e, cfg.block_m, token_slots, slots, cfg.lora.block_m
         )
     else:
-        base = lora_align = align_by_expert(topk_ids, e, cfg.align_block)
+        base = lora_align = align_by_expert(topk_ids, e, cfg.block_m)
 
     few = num_active_adapters is not None and num_active_adapters <= EPILOGUE_MAX_ADAPTERS
     in_epilogue = cfg.lora.expand_in_epilogue or few
@@ -438,18 +438,16 @@ def moe_lora_forward(
     # off elsewhere: H200, bs 256 / 512, -1.2% / -1.4% a step
     # (benchmarks/results/attention_one_launch_delta_chains_h200.log).
     chains = kernels.PDL_DELTA_CHAINS and not in_epilogue and m > 1
-    paired = cfg.half_blocks
     with kernels.pdl_launches(True) if chains else contextlib.nullcontext():
-        gate_up_lora = epilogue(x, gate_up, True)
         h = moe_gate_up(
-            x, w13, base, k, cfg.gate_up, activation, gate_up_lora, wait_late=True, paired=paired
+            x, w13, base, k, cfg.gate_up, activation, epilogue(x, gate_up, True), wait_late=True
         )
         down_lora = epilogue(h, down, False)
         written = down_lora is not None and down_lora.delta is not None
         if written:
-            out = moe_down(h, w2, base, topk_weights, cfg.down, wait_late=True, paired=paired)
+            out = moe_down(h, w2, base, topk_weights, cfg.down, wait_late=True)
     if written:
         # a written down delta joins the top-k sum, which streams it with the pairs' outputs,
         # rather than the down GEMM's epilogue, where its load after the K loop is exposed
         return moe_sum(out, down_lora.delta, topk_weights, token_slots)
-    return moe_sum(moe_down(h, w2, base, topk_weights, cfg.down, down_lora, paired=paired))
+    return moe_sum(moe_down(h, w2, base, topk_weights, cfg.down, down_lora))

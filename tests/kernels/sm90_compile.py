@@ -36,13 +36,13 @@ def signature(fn, constexprs: dict, types: dict) -> dict:
 def variants():
     """(kernel, constexprs, argument types besides the naming convention); constexprs a kernel
     does not take are dropped."""
-    for kernel, paired, lora in itertools.product(
-        (fused_moe._gate_up_kernel, fused_moe._down_kernel), (False, True), (None, "s", "inline")
+    for kernel, lora in itertools.product(
+        (fused_moe._gate_up_kernel, fused_moe._down_kernel), (None, "s", "inline")
     ):
         yield kernel, dict(
             ACT=0, HAS_LORA=lora is not None, DELTA=False, INLINE=lora == "inline", NUM_SLOTS=8,
-            DOT_PREC="tf32", BLOCK_M=64 if paired else 128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=16,
-            GROUP_M=8, EVEN_K=True, PAIRED=paired, W_DESC=False, WAIT_LATE=lora == "s",
+            DOT_PREC="tf32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=16,
+            GROUP_M=8, EVEN_K=True, W_DESC=False, WAIT_LATE=lora == "s",
             USE_PDL=True,
         ), {}  # fmt: skip
     for delta in (False, True):

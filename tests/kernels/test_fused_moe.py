@@ -57,32 +57,6 @@ def test_fused_moe_matches_reference(shape, dtype, weights_path):
     close(out, fused_moe_ref(x, w13, w2, tw, ti), dtype)
 
 
-# tiles of 32 rows over an alignment to 16: two blocks of one expert share a tile, others not
-HALF_BLOCKS = MoEConfig(
-    32, GemmConfig(32, 32, 2, 4, 1), GemmConfig(16, 16, 1, 4, 1), LoRAConfig(), True
-)
-
-
-HALF_SHAPES = [  # (M, H, I, E, k, duplicated top-k): experts of 1 to 3 blocks of 16
-    (37, 48, 40, 4, 3, False),
-    (40, 32, 32, 2, 2, False),
-    (23, 32, 32, 3, 2, True),
-    (6, 32, 16, 32, 4, False),
-    (1, 32, 32, 4, 3, True),
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", HALF_SHAPES, ids=str)
-def test_fused_moe_half_blocks_match_reference(shape, dtype):
-    """MoEConfig.half_blocks: full tiles over pairs of half blocks of one expert, half tiles
-    over the rest (experts of 1, 2 and 3 blocks, starting at even and odd blocks)."""
-    m, h, i, e, k, dup = shape
-    x, w13, w2, tw, ti = moe_inputs(m, h, i, e, k, dtype, seed=m, duplicates=dup)
-    out = fused_moe(x, w13, w2, tw, ti, config=HALF_BLOCKS)
-    close(out, fused_moe_ref(x, w13, w2, tw, ti), dtype)
-
-
 @pytest.mark.parametrize("activation", ["gelu", "gelu_pytorch_tanh"])
 def test_fused_moe_other_activations(activation):
     x, w13, w2, tw, ti = moe_inputs(9, 32, 32, 4, 2, torch.float32, seed=3)

@@ -32,10 +32,9 @@ LORA_CONFIGS = {
 }
 
 
-def config(lora: str, half_blocks: bool = False) -> MoEConfig:
+def config(lora: str) -> MoEConfig:
     gemm = GemmConfig(32, 32, 2, 4, 1)
-    block_m = 32 if half_blocks else 16  # half blocks: an alignment to 16, tiles of 16 or 32
-    return MoEConfig(block_m, gemm, GemmConfig(16, 16, 1, 4, 1), LORA_CONFIGS[lora], half_blocks)
+    return MoEConfig(16, gemm, GemmConfig(16, 16, 1, 4, 1), LORA_CONFIGS[lora])
 
 
 def expert_lora(subs, in_dim, out_sub, e_a, e_b, dtype, seed):
@@ -62,7 +61,7 @@ def token_slots(m: int, seed: int) -> torch.Tensor:
 
 def run_case(
     m, h, i, e, k, dtype, virtual, lora="split", shared_outer=False, sides="both", dup=False,
-    slots=None, half_blocks=False,
+    slots=None,
 ):  # fmt: skip
     x, w13, w2, tw, ti = moe_inputs(m, h, i, e, k, dtype, seed=m + e, duplicates=dup)
     slots = token_slots(m, seed=m) if slots is None else slots
@@ -71,7 +70,7 @@ def run_case(
     gate_up = gate_up if sides in ("both", "gate_up") else None
     down = down if sides in ("both", "down") else None
     out = moe_lora_forward(
-        x, w13, w2, tw, ti, slots, gate_up, down, virtual=virtual, config=config(lora, half_blocks)
+        x, w13, w2, tw, ti, slots, gate_up, down, virtual=virtual, config=config(lora)
     )
     ref = fused_moe_ref(x, w13, w2, tw, ti, "silu", slots, gate_up, down)
     assert out.shape == (m, h) and out.dtype == dtype
@@ -126,13 +125,6 @@ def test_inline_shrink_takes_one_token():
     lora = LoRAExpand(None, gu.B, token_slots(2, 0), A=gu.A)
     with pytest.raises(ValueError, match="inline shrink"):
         moe_gate_up(x, w13, align, 2, GemmConfig(32, 32), "silu", lora)
-
-
-@pytest.mark.parametrize("virtual", [True, False], ids=["virtual_experts", "fused"])
-@pytest.mark.parametrize("lora", ["split", "split_epilogue"])
-def test_moe_lora_half_blocks(virtual, lora):
-    """LoRA epilogues and delta reads on tiles of one or two half blocks (half_blocks)."""
-    run_case(37, 48, 40, 4, 3, DTYPES[-1], virtual, lora, dup=True, half_blocks=True)
 
 
 def test_moe_lora_no_adapter_tokens_equal_base():

@@ -1,6 +1,6 @@
 """The MoE kernels compile for sm_90 (Triton frontend + ptxas): the GEMMs in the variants of
 their constexprs that the interpreter tests run (base, LoRA epilogue, inline shrink, late PDL
-wait, paired half blocks), the top-k sum and the MoE-LoRA shrink / expand kernels. Run in a
+wait), the top-k sum and the MoE-LoRA shrink / expand kernels. Run in a
 fresh process, since this suite imports the kernels interpreted."""
 
 from __future__ import annotations
@@ -25,4 +25,4 @@ def test_moe_kernels_compile_for_sm90():
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok ") == 19, run.stdout
+    assert run.stdout.count("ok ") == 13, run.stdout
