@@ -30,9 +30,8 @@ from triton.testing import do_bench_cudagraph
 
 from sglora.kernels import reference as ref
 from sglora.kernels.activation import act_and_mul
-from sglora.kernels.kv_store import store_kv
 from sglora.kernels.norm import fused_add_rmsnorm, rmsnorm
-from sglora.kernels.rotary import rotary_embedding
+from sglora.kernels.rotary import KVWrite, rotary_embedding
 from sglora.kernels.router import FUSED_MAX_TOKENS, fused_router, topk_softmax
 from sglora.layers.rotary import RotaryEmbedding
 
@@ -70,19 +69,14 @@ def ops(p: Problem) -> dict[str, tuple[Callable[[], object], Callable[[], object
     """op name -> (PyTorch ops it replaces, fused kernel)."""
 
     def rope_torch():
-        q, k, _ = p.qkv_views(p.qkv)
-        return ref.rotary_ref(p.pos, q, k, p.cache, D, (p.qw, p.kw, EPS))
+        q, k, v = p.qkv_views(p.qkv)
+        q, k = ref.rotary_ref(p.pos, q, k, p.cache, D, (p.qw, p.kw, EPS))
+        ref.store_kv_ref(k.view(-1, HK, D), v, p.kbuf, p.vbuf, p.loc)
 
     def rope_triton():
-        q, k, _ = p.qkv_views(p.qkv)
-        rotary_embedding(p.pos, q, k, p.cache, D, (p.qw, p.kw, EPS))
-
-    def kv(store):
-        def run():
-            _, k, v = p.qkv_views(p.qkv)
-            store(k.view(-1, HK, D), v, p.kbuf, p.vbuf, p.loc)
-
-        return run
+        q, k, v = p.qkv_views(p.qkv)
+        kv = KVWrite(v.flatten(1), p.kbuf, p.vbuf, p.loc)
+        rotary_embedding(p.pos, q, k, p.cache, D, (p.qw, p.kw, EPS), kv)
 
     def layer(fused: bool):
         """The replaced ops of one Qwen3-MoE decoder layer, in order."""
@@ -91,13 +85,11 @@ def ops(p: Problem) -> dict[str, tuple[Callable[[], object], Callable[[], object
             if fused:
                 fused_add_rmsnorm(p.x, p.res, p.w, EPS)
                 rope_triton()
-                kv(store_kv)()
                 fused_add_rmsnorm(p.x, p.res, p.w, EPS)
                 topk_softmax(p.logits, TOP_K, True, DT)
             else:
                 ref.fused_add_rmsnorm_ref(p.x, p.res, p.w, EPS)
                 rope_torch()
-                kv(ref.store_kv_ref)()
                 ref.fused_add_rmsnorm_ref(p.x, p.res, p.w, EPS)
                 ref.topk_softmax_ref(p.logits, TOP_K, True, DT)
 
@@ -115,8 +107,7 @@ def ops(p: Problem) -> dict[str, tuple[Callable[[], object], Callable[[], object
             lambda: ref.fused_add_rmsnorm_ref(p.x, p.res, p.w, EPS),
             lambda: fused_add_rmsnorm(p.x, p.res, p.w, EPS),
         ),
-        "qk_norm_rope": (rope_torch, rope_triton),
-        "store_kv": (kv(ref.store_kv_ref), kv(store_kv)),
+        "qk_norm_rope_store_kv": (rope_torch, rope_triton),
         "router_topk_softmax": (
             lambda: ref.topk_softmax_ref(p.logits, TOP_K, True, DT),
             lambda: topk_softmax(p.logits, TOP_K, True, DT),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# ---- decoder-layer ops (norm.py, rotary.py, router.py, activation.py, kv_store.py) -----------
+# ---- decoder-layer ops (norm.py, rotary.py with its KV-cache write, router.py, activation.py) -
 
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -96,7 +96,8 @@ def store_kv_ref(
     v_buffer: torch.Tensor,
     loc: torch.Tensor,
 ) -> None:
-    """Twin of `store_kv`: k_buffer[loc] = k, v_buffer[loc] = v (cast to the buffers' dtype)."""
+    """Twin of the KV-cache write of `rotary_embedding`: k_buffer[loc] = k, v_buffer[loc] = v
+    (cast to the buffers' dtype)."""
     k_buffer[loc] = k.to(k_buffer.dtype)
     v_buffer[loc] = v.to(v_buffer.dtype)
 

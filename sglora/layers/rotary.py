@@ -3,8 +3,9 @@
 Frequencies come from the config's `rope_parameters`: `default` is computed here; `linear`,
 `llama3` and `yarn` use transformers' own init functions so scaling matches HF exactly.
 Types whose frequencies depend on the sequence length (`dynamic`, `longrope`) are refused.
-On CUDA one Triton kernel (`kernels/rotary.py`) rotates q and k in place, after Qwen3's per-head
-q/k RMSNorm when given; elsewhere its PyTorch twin (`kernels/reference.py`) does.
+The layer also writes the new tokens' K (rotated) and V into the paged KV cache, so they need no
+launch of their own: on CUDA one Triton kernel (`kernels/rotary.py`) does it all, after Qwen3's
+per-head q/k RMSNorm when given; elsewhere its PyTorch twins (`kernels/reference.py`) do.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from sglora.kernels import use_triton
-from sglora.kernels.reference import rotary_ref
+from sglora.kernels.reference import rotary_ref, store_kv_ref
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -41,17 +42,26 @@ class RotaryEmbedding(nn.Module):
         positions: torch.Tensor,
         q: torch.Tensor,
         k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        loc: torch.Tensor,
         head_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq*D], k [T, Hk*D] -> rotated, same shapes and dtype (on CUDA: q and k
-        themselves, rotated in place). head_norm = (q_norm weight, k_norm weight, eps):
-        RMS-normalise every head first (Qwen3), in the same kernel."""
+    ) -> torch.Tensor:
+        """Rotate q [T, Hq*D] and k [T, Hk*D] of the new tokens by their `positions`, and write
+        k and v [T, Hk*Dv] into kv_cache = (k_buffer [S, Hk, D], v_buffer [S, Hk, Dv]) at slots
+        loc [T]. Returns q rotated (on CUDA: q itself, in place). head_norm = (q_norm weight,
+        k_norm weight, eps): RMS-normalise every head first (Qwen3), in the same kernel."""
+        k_buf, v_buf = kv_cache
         if use_triton(q):
-            from sglora.kernels.rotary import rotary_embedding
+            from sglora.kernels.rotary import KVWrite, rotary_embedding
 
-            rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim, head_norm)
-            return q, k
-        return rotary_ref(positions, q, k, self.cos_sin_cache, self.head_dim, head_norm)
+            kv = KVWrite(v, k_buf, v_buf, loc)
+            rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim, head_norm, kv)
+            return q
+        q, k = rotary_ref(positions, q, k, self.cos_sin_cache, self.head_dim, head_norm)
+        t = k.shape[0]
+        store_kv_ref(k.view(t, *k_buf.shape[1:]), v.view(t, *v_buf.shape[1:]), k_buf, v_buf, loc)
+        return q
 
 
 def get_rope(config: PretrainedConfig, head_dim: int) -> RotaryEmbedding:

@@ -1,12 +1,10 @@
-"""KVPool: per-layer K and V buffers indexed by KV slot (token-granular), written and read by
-the attention backends at the slots the scheduler's `TokenToKVAllocator` hands out."""
+"""KVPool: per-layer K and V buffers indexed by KV slot (token-granular), written by the rotary
+(`layers/rotary.py`, with the new tokens' K/V) and read by the attention backends, at the slots
+the scheduler's `TokenToKVAllocator` hands out."""
 
 from __future__ import annotations
 
 import torch
-
-from sglora.kernels import use_triton
-from sglora.kernels.reference import store_kv_ref
 
 
 class KVPool:
@@ -42,17 +40,6 @@ class KVPool:
             torch.zeros(size + 1, num_kv_heads, self.v_head_dim, dtype=dtype, device=self.device)
             for _ in range(num_layers)
         ]
-
-    def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write k/v [n, num_kv_heads, head_dim] of n tokens at slots loc [n] (on CUDA one
-        Triton kernel for both, `kernels/kv_store.py`)."""
-        k_buf, v_buf = self.k_buffer[layer_id], self.v_buffer[layer_id]
-        if use_triton(k):
-            from sglora.kernels.kv_store import store_kv
-
-            store_kv(k, v, k_buf, v_buf, loc)
-            return
-        store_kv_ref(k, v, k_buf, v_buf, loc)
 
     def get_kv(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_buffer[layer_id], self.v_buffer[layer_id]

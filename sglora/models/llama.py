@@ -26,7 +26,8 @@ def head_dim_of(config: PretrainedConfig) -> int:
 
 
 class LlamaAttention(nn.Module):
-    """qkv -> (optional q/k RMSNorm) -> RoPE -> paged attention -> o.
+    """qkv -> (optional q/k RMSNorm) -> RoPE, which also writes K/V into the paged cache ->
+    paged attention -> o.
 
     qk_norm: None; "head" (Qwen3: per head over head_dim); "full" (OLMoE: over the whole
     projection, before the split into heads)."""
@@ -80,8 +81,9 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
             q, k, v = (x.clamp(-self.clip_qkv, self.clip_qkv) for x in (q, k, v))
-        q, k = self.rotary(positions, q, k, head_norm)
-        return self.o_proj(self.attn(q, k, v, batch))
+        kv_cache = batch.kv_pool.get_kv(self.attn.layer_id)
+        q = self.rotary(positions, q, k, v, kv_cache, batch.out_cache_loc, head_norm)
+        return self.o_proj(self.attn(q, batch))
 
 
 class LlamaMLP(nn.Module):

@@ -12,7 +12,7 @@ import torch
 
 from sglora.kernels.attention_decode import decode_attention
 from sglora.kernels.attention_extend import extend_attention
-from sglora.kernels.reference import decode_attention_ref, paged_attention_ref
+from sglora.kernels.reference import decode_attention_ref, paged_attention_ref, store_kv_ref
 from sglora.layers.attention.layer import Attention
 from sglora.layers.attention.torch_native import TorchNativeAttnBackend
 from sglora.layers.attention.triton_backend import TritonAttnBackend
@@ -150,7 +150,8 @@ def test_extend_matches_reference(dtype, prefix_lens, extend_lens, shape):
 
 
 def run_backend(backend, mode, prefix_lens, extend_lens, dtype, seed):
-    """One layer's forward through `backend` on a fresh pool: writes the new KV, attends."""
+    """One layer's forward through `backend` on a fresh pool holding the new tokens' KV (which
+    the rotary writes in a model)."""
     hk, hq, d = 2, 8, 64
     g = torch.Generator().manual_seed(seed)
     n_slots = sum(prefix_lens) + sum(extend_lens) + 3
@@ -178,8 +179,9 @@ def run_backend(backend, mode, prefix_lens, extend_lens, dtype, seed):
     q = torch.randn(t, hq * d, generator=g).to(dtype).to(DEVICE)
     k = torch.randn(t, hk * d, generator=g).to(dtype).to(DEVICE)
     v = torch.randn(t, hk * d, generator=g).to(dtype).to(DEVICE)
+    store_kv_ref(k.view(t, hk, d), v.view(t, hk, d), *pool.get_kv(0), batch.out_cache_loc)
     backend.init_forward_metadata(batch)
-    return backend.forward(q, k, v, Attention(hq, d, hk, layer_id=0), batch), batch
+    return backend.forward(q, Attention(hq, d, hk, layer_id=0), batch), batch
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

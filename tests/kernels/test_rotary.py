@@ -1,16 +1,19 @@
 """`rotary_embedding` (in place) equals `rotary_ref` on q/k slices of a qkv output, GQA head
 counts, head dims off the powers of two, random positions, with and without Qwen3's per-head
-RMSNorm, and on the cache `layers/rotary.py` builds. Tolerances in layer_ops_common.TOL."""
+RMSNorm, and on the cache `layers/rotary.py` builds. With a KV cache to write, the rotated k
+and v land at their slots as `store_kv_ref` puts them (padding tokens repeating slot 0, a cache
+dtype other than q's, a V head dim other than K's) and nothing else changes. Tolerances in
+layer_ops_common.TOL."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sglora.kernels.reference import rmsnorm_ref, rotary_ref
-from sglora.kernels.rotary import rotary_embedding
+from sglora.kernels.reference import rmsnorm_ref, rotary_ref, store_kv_ref
+from sglora.kernels.rotary import KVWrite, rotary_embedding
 from sglora.layers.rotary import RotaryEmbedding
-from tests.kernels.layer_ops_common import DEVICE, DTYPES, close, randn
+from tests.kernels.layer_ops_common import DEVICE, DTYPES, TOL, close, randn
 
 CASES = [  # (T, Hq, Hk, D)
     (1, 4, 2, 16),
@@ -46,6 +49,32 @@ def test_rotary_matches_reference(case, dtype, norm):
     assert torch.equal(qkv[:, (hq + hk) * d :], v_before), "v was written"
 
 
+@pytest.mark.parametrize("cache_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("t,hq,hk,d,dv", [(1, 4, 2, 16, 16), (45, 8, 4, 32, 32), (7, 6, 3, 48, 24)])
+def test_rotary_writes_kv_cache(t, hq, hk, d, dv, cache_dtype):
+    dtype = torch.float16 if cache_dtype == torch.float32 else torch.float32
+    qkv = randn(t, (hq + hk) * d + hk * dv, dtype=dtype, seed=t, scale=2.0)
+    q, k = qkv[:, : hq * d], qkv[:, hq * d : (hq + hk) * d]
+    v = qkv[:, (hq + hk) * d :]
+    k_before = k.clone()
+    g = torch.Generator().manual_seed(t)
+    positions = torch.randint(0, 512, (t,), generator=g).to(DEVICE)
+    loc = (torch.randperm(100, generator=g)[:t] + 1).to(DEVICE)
+    loc[::5] = 0  # padding tokens of a CUDA graph all write slot 0
+    head_norm = (randn(d, dtype=dtype, seed=7), randn(d, dtype=dtype, seed=8), 1e-6)
+    bufs = [randn(101, hk, n, dtype=cache_dtype, seed=n) for n in (d, dv)]
+    want = [b.clone() for b in bufs]
+    want_q, want_k = rotary_ref(positions, q, k, cache_for(d), d, head_norm)
+    real = loc > 0
+    store_kv_ref(want_k[real].view(-1, hk, d), v[real].view(-1, hk, dv), *want, loc[real])
+    rotary_embedding(positions, q, k, cache_for(d), d, head_norm, KVWrite(v, *bufs, loc))
+    close(q, want_q, dtype)
+    assert torch.equal(k, k_before), "k was rotated in place as well"
+    coarser = max(dtype, cache_dtype, key=TOL.get)  # k is rounded to q's dtype, then the cache's
+    for got, ref in zip(bufs, want):
+        close(got[1:], ref[1:], coarser)  # slot 0 got one of the padding rows: any
+
+
 def test_int32_positions_and_bad_inputs():
     q = randn(3, 32, dtype=torch.float32, seed=0)
     k = randn(3, 16, dtype=torch.float32, seed=1)
@@ -58,6 +87,14 @@ def test_int32_positions_and_bad_inputs():
         rotary_embedding(pos, q, k, cache, 12)
     with pytest.raises(ValueError, match="cos_sin_cache"):
         rotary_embedding(pos, q, k, cache_for(32), 16)
+    buf = randn(10, 1, 16, dtype=torch.float32, seed=2)
+    with pytest.raises(ValueError, match="k_buffer"):
+        rotary_embedding(pos, q, k, cache, 16, kv=KVWrite(k, buf[:, :, :8], buf, pos))
+    with pytest.raises(ValueError, match="contiguous"):
+        strided = randn(10, 2, 16, dtype=torch.float32, seed=3)[:, :1]
+        rotary_embedding(pos, q, k, cache, 16, kv=KVWrite(k, strided, buf, pos))
+    with pytest.raises(ValueError, match="loc"):
+        rotary_embedding(pos, q, k, cache, 16, kv=KVWrite(k, buf, buf, pos[:2]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled roundings: GPU only")

@@ -169,19 +169,15 @@ def test_req_to_token_writes_reach_host_and_device_alike():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kv_pool_set_then_get_roundtrips_at_slots(device: str, dtype: torch.dtype):
+def test_kv_pool_buffers_per_layer(device: str, dtype: torch.dtype):
     pool = KVPool(
         size=10, num_layers=2, num_kv_heads=2, head_dim=4, dtype=dtype, device=device, v_head_dim=3
     )
-    loc = torch.tensor([3, 7, 1], dtype=torch.int32, device=device)
-    k = torch.randn(3, 2, 4, device=device)  # fp32 in, cast to the pool dtype
-    v = torch.randn(3, 2, 3, device=device)
-    pool.set_kv(1, loc, k, v)
     k_buf, v_buf = pool.get_kv(1)
     assert k_buf.shape == (11, 2, 4) and v_buf.shape == (11, 2, 3) and k_buf.dtype == dtype
-    torch.testing.assert_close(k_buf[loc.long()], k.to(dtype))
-    torch.testing.assert_close(v_buf[loc.long()], v.to(dtype))
-    assert not pool.get_kv(0)[0].any()  # other layers untouched
+    assert not k_buf.any() and not v_buf.any()  # zeroed: padding reads are finite
+    k_buf[3] = 1.0
+    assert not pool.get_kv(0)[0].any()  # layers do not share storage
 
 
 def test_kv_pool_size_matches_bytes_per_token():

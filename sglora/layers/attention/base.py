@@ -22,17 +22,9 @@ class AttentionBackend(ABC):
         """Precompute per-batch indices once, before the layers run."""
 
     @abstractmethod
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        layer: Attention,
-        batch: ForwardBatch,
-    ) -> torch.Tensor:
-        """Write k/v of the new tokens into the KV pool, then attend.
-
-        q [T, Hq*D], k/v [T, Hk*D] -> [T, Hq*D]."""
+    def forward(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
+        """Attend over the KV pool, which already holds the new tokens' K/V at
+        batch.out_cache_loc: q [T, Hq*D] -> [T, Hq*D]."""
 
 
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {}

@@ -25,7 +25,7 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.scaling = head_dim**-0.5 if scaling is None else scaling
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
-    ) -> torch.Tensor:
-        return batch.attn_backend.forward(q, k, v, self, batch)
+    def forward(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """q [T, Hq*D] -> [T, Hq*D], over the KV pool, where the new tokens' K/V already are
+        (the rotary writes them: `layers/rotary.py`)."""
+        return batch.attn_backend.forward(q, self, batch)

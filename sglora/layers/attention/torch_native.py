@@ -34,18 +34,9 @@ class TorchNativeAttnBackend(AttentionBackend):
             masks.append(k_pos[None, :] <= q_pos[:, None])  # [new, total] causal from prefix
         batch.attn_metadata = (slots, masks)
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        layer: Attention,
-        batch: ForwardBatch,
-    ) -> torch.Tensor:
-        pool = batch.kv_pool
-        d, hk = layer.head_dim, layer.num_kv_heads
-        pool.set_kv(layer.layer_id, batch.out_cache_loc, k.view(-1, hk, d), v.view(-1, hk, d))
-        k_buf, v_buf = pool.get_kv(layer.layer_id)
+    def forward(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
+        d = layer.head_dim
+        k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
         slots, masks = batch.attn_metadata
         out = torch.empty_like(q)
         start = 0

@@ -146,18 +146,9 @@ class TritonAttnBackend(AttentionBackend):
                 self._workspace = ws
         return ws[:n_o].view(bs, hq, splits, d), ws[n_o : n_o + n_lse].view(bs, hq, splits)
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        layer: Attention,
-        batch: ForwardBatch,
-    ) -> torch.Tensor:
-        d, hq, hk = layer.head_dim, layer.num_heads, layer.num_kv_heads
-        pool = batch.kv_pool
-        pool.set_kv(layer.layer_id, batch.out_cache_loc, k.view(-1, hk, d), v.view(-1, hk, d))
-        k_buf, v_buf = pool.get_kv(layer.layer_id)
+    def forward(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
+        d, hq = layer.head_dim, layer.num_heads
+        k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
         md: TritonAttnMetadata = batch.attn_metadata
         q3 = q.view(-1, hq, d)
         table = batch.req_to_token_pool.req_to_token
