@@ -4,7 +4,8 @@
 For each M: every BLOCK_M that suits the pairs per expert, with a grid of gate_up and down tiles
 timed separately (CUDA-graph replays, median), the best BLOCK_M kept; then the MoE-LoRA shrink
 settings (virtual-expert block, split-K, K tile) timed on the whole LoRA layer with min(M, 8)
-adapters of rank 16. Kernels are compiled first by `--jobs` worker processes into Triton's
+adapters of rank 16, launched as a decode graph of M tokens launches them (PDL up to
+PDL_MAX_BS). Kernels are compiled first by `--jobs` worker processes into Triton's
 on-disk cache, so the GPU time goes to timing. `--tp N` tunes the per-rank shape of a server
 with `--tp-size N` (each rank holds I/N of every expert's intermediate and of its LoRA B/A).
 
@@ -66,13 +67,13 @@ LORA_LARGE = [
     (16, 2, 128, False, 128, 4, 3), (32, 1, 128, False, 128, 4, 3),
     (16, 1, 256, False, 128, 4, 2), (16, 1, 128, True, 64, 4, 3),
 ]  # fmt: skip
-# Decode batches (M = 64..512 tokens, ~2 pairs per virtual expert): each (adapter, expert)
+# Decode batches (M = 8..512 tokens, 1-2 pairs per virtual expert): each (adapter, expert)
 # block is one program of the one-launch shrink+expand kernel, which streams A over its
 # BLOCK_K loop and B over its BLOCK_N loop (split_k does not apply), so --wide searches this
-# grid as well.
+# grid as well; at small M a program's serial K loop is its latency (BLOCK_K up to 512).
 LORA_WIDE = [
     (16, 1, block_k, False, block_n, warps, stages)
-    for block_k in (64, 128, 256)
+    for block_k in (64, 128, 256, 512)
     for block_n in (64, 128, 256)
     for warps in (2, 4, 8)
     for stages in (2, 3, 4)
@@ -91,10 +92,9 @@ def block_ms(m: int, k: int, e: int) -> list[int]:
 
 
 def lora_cands(m: int, wide: bool = False) -> list[LoRAConfig]:
-    if m <= 32:
-        return [LoRAConfig(*c) for c in LORA_SMALL]
-    extra = [c for c in LORA_WIDE if c not in LORA_LARGE] if wide else []
-    return [LoRAConfig(*c) for c in LORA_LARGE + extra]
+    base = LORA_SMALL if m <= 32 else LORA_LARGE
+    extra = [c for c in LORA_WIDE if c not in base] if wide else []
+    return [LoRAConfig(*c) for c in base + extra]
 
 
 class Problem:
@@ -161,6 +161,16 @@ def _shared(shape: dict):
     return w13, w2, _Pools(shape)
 
 
+def decode_launches(m: int):
+    """Launch the kernels as a decode graph of m tokens does (`cuda_graph_runner`): with PDL up
+    to PDL_MAX_BS, where the MoE-LoRA delta kernel overlaps the base GEMM's weight stream
+    (wait_late), so a config that times faster alone can be slower there (H200, M=8)."""
+    from sglora.kernels import pdl_launches
+    from sglora.model_executor.cuda_graph_runner import PDL_MAX_BS
+
+    return pdl_launches(m <= PDL_MAX_BS)
+
+
 def _compile_worker(tasks: list[tuple], shape: dict) -> int:
     """Run each task once so its kernels land in Triton's cache; returns failures."""
     w13, w2, pools = _shared(shape)
@@ -170,7 +180,8 @@ def _compile_worker(tasks: list[tuple], shape: dict) -> int:
         p = probs.setdefault(m, Problem(m, shape, w13, w2, pools))
         try:
             if kind == "lora":
-                p.lora(c)()
+                with decode_launches(m):
+                    p.lora(c)()
             else:
                 getattr(p, kind)(bm, GemmConfig(*c))()
         except Exception as exc:  # a config the compiler rejects (e.g. out of shared memory)
@@ -229,7 +240,8 @@ def tune(
     for m in ms:
         p = Problem(m, shape, w13, w2, pools)
         cands = [MoEConfig(*best_base[m], lc) for lc in lora_cands(m, wide)]
-        times = [timed(p.lora(c)) for c in cands]
+        with decode_launches(m):
+            times = [timed(p.lora(c)) for c in cands]
         best = cands[min(range(len(cands)), key=times.__getitem__)]
         print(f"M={m} lora: {min(times):.4f} ms {best.lora}", flush=True)
         table[str(m)] = {
@@ -247,7 +259,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=8, help="compile worker processes")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--lora-only", action="store_true", help="keep the base configs of --out")
-    ap.add_argument("--wide", action="store_true", help="also search LORA_WIDE for M > 32")
+    ap.add_argument("--wide", action="store_true", help="also search LORA_WIDE")
     ap.add_argument("--tp", type=int, default=1, help="tune one rank's shard of the experts")
     args = ap.parse_args()
     if MOE_SHAPE["I"] % args.tp:
