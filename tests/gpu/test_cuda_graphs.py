@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from sglora.engine import Engine
+from sglora.kernels import moe_lora
+from sglora.kernels.moe_common import LoRAConfig
+from sglora.model_executor.cuda_graph_runner import PDL_MAX_BS
 from sglora.testing.adapters import tiny_adapter_paths
 from sglora.testing.tiny import tiny_model_path
 from tests.conftest import random_prompts
@@ -25,7 +28,7 @@ def engine(dtype: str, graphs: bool, **kw) -> Engine:
         dtype=dtype,
         lora_paths=tuple(f"{k}={p}" for k, p in paths.items()),
         disable_cuda_graph=not graphs,
-        cuda_graph_bs=(1, 2, 4, 8, 16),
+        cuda_graph_bs=kw.pop("cuda_graph_bs", (1, 2, 4, 8, 16)),
         max_total_tokens=8192,  # the default takes the whole GPU: two engines must fit
         **kw,
     )
@@ -65,6 +68,32 @@ def test_pdl_launches_change_no_result():
                 assert g["output_ids"] == w["output_ids"]
                 lg = [x[0] for x in g["meta_info"]["output_token_logprobs"]]
                 assert lg == [x[0] for x in w["meta_info"]["output_token_logprobs"]]
+
+
+def test_delta_chains_in_large_graphs_change_no_result(monkeypatch):
+    """Above PDL_MAX_BS a decode graph launches with PDL only the MoE-LoRA delta chains (the
+    delta kernel, then the base GEMM that streams its weights before waiting for it): a batch
+    replayed from such a graph gives bit-identical tokens and logprobs to one captured without
+    PDL. The tiny model's default config expands in the base epilogue (no chain), so the test
+    forces the written-delta path."""
+    tuned = moe_lora.get_moe_config
+    written = LoRAConfig(expand_in_epilogue=False)
+    monkeypatch.setattr(moe_lora, "get_moe_config", lambda *a: tuned(*a)._replace(lora=written))
+    sizes = (1, 8, PDL_MAX_BS + 32)
+    off = engine("bfloat16", graphs=True, disable_pdl=True, cuda_graph_bs=sizes)
+    on = engine("bfloat16", graphs=True, cuda_graph_bs=sizes)
+    assert PDL_MAX_BS + 32 not in on.runner.graph_runner.pdl_sizes
+    n = PDL_MAX_BS + 20  # padded to the large graph
+    kinds = [None, "experts", "attn_experts_rslora", "shared_outer", "attn"]
+    loras = [kinds[i % len(kinds)] for i in range(n)]
+    prompts = random_prompts(1000, [5 + (7 * i) % 29 for i in range(n)], seed=31)
+    kw = {"input_ids": prompts, "sampling_params": SP, "return_logprob": True, "lora_path": loras}
+    for _ in range(2):
+        got, want = on.generate(**kw), off.generate(**kw)
+        for g, w in zip(got, want):
+            assert g["output_ids"] == w["output_ids"]
+            lg = [x[0] for x in g["meta_info"]["output_token_logprobs"]]
+            assert lg == [x[0] for x in w["meta_info"]["output_token_logprobs"]]
 
 
 def assert_same_as_eager(graph: Engine, eager: Engine, prompts, loras, atol: float) -> None:
