@@ -12,8 +12,9 @@ which are the roundings of `reference.rotary_ref` (HF computes RoPE in τ).
 With a KV cache to write (`kv`), the same program also writes the token's rotated k and its v
 into the paged cache at its slot, instead of k in place: the new tokens' K/V reach the cache
 with no launch of their own (H200 decode step: -1.5% at bs 1, -0.7% at bs 8,
-`benchmarks/results/rope_kv_store_fused_h200.log`). k_buffer[loc[t]] = ⌊k rotated⌋ and v_buffer[loc[t]] = v[t], cast to the buffers'
-dtype; padding tokens of a CUDA graph all write slot 0 (never a real token's).
+`benchmarks/results/rope_kv_store_fused_h200.log`). k_buffer[loc[t]] = ⌊k rotated⌋ and
+v_buffer[loc[t]] = v[t], cast to the buffers' dtype; padding tokens of a CUDA graph all write
+slot 0 (never a real token's).
 
 Pointer layouts: q [T, Hq·D], k [T, Hk·D], v [T, Hk·Dv] with any row stride (views of the qkv
 output), heads contiguous within a row; positions and loc [T] (int32/int64); cos_sin_cache
