@@ -1,6 +1,6 @@
-"""The layers' kernel path (what CUDA runs: fused norms, q/k-norm + rotary in place, router,
-gated activation, KV store) gives the models HF's logprobs, run here on CPU under the Triton
-interpreter by forcing `use_triton`. The MoE experts and attention stay on their PyTorch
+"""The layers' kernel path (what CUDA runs: fused norms, q/k-norm + rotary writing K/V into
+the cache, router, gated activation) gives the models HF's logprobs, run here on CPU under the
+Triton interpreter by forcing `use_triton`. The MoE experts and attention stay on their PyTorch
 paths; they have their own kernel tests. Three families cover every branch of the wiring:
 per-head q/k norm and renormalised routing (qwen3_moe), full-projection q/k norm on a
 row-strided q (olmoe), qkv bias and the dense MLP of the shared expert (qwen2_moe). The
