@@ -4,9 +4,11 @@
 For each M: every BLOCK_M that suits the pairs per expert, with a grid of gate_up and down tiles
 timed separately (CUDA-graph replays, median), the best BLOCK_M kept; then the MoE-LoRA shrink
 settings (virtual-expert block, split-K, K tile) timed on the whole LoRA layer with min(M, 8)
-adapters of rank 16, launched as a decode graph of M tokens launches them (PDL up to
-PDL_MAX_BS). Kernels are compiled first by `--jobs` worker processes into Triton's
-on-disk cache, so the GPU time goes to timing. `--tp N` tunes the per-rank shape of a server
+adapters of rank 16, launched up to PDL_MAX_BS as a decode graph of M tokens launches them
+(`cuda_graph_runner.decode_launches`: under PDL the MoE-LoRA delta kernel overlaps the base
+GEMM's weight stream, so a config that times faster alone can be slower there; H200, M=8).
+Kernels are compiled first by `--jobs` worker processes into Triton's on-disk cache, so the
+GPU time goes to timing. `--tp N` tunes the per-rank shape of a server
 with `--tp-size N` (each rank holds I/N of every expert's intermediate and of its LoRA B/A).
 
   python scripts/tune_kernels.py --ms 1 8 32 128 256 512 2048
@@ -39,6 +41,7 @@ from sglora.kernels.moe_common import (  # noqa: E402
     device_name,
     shape_key,
 )
+from sglora.model_executor.cuda_graph_runner import PDL_MAX_BS, decode_launches  # noqa: E402
 
 # (block_n, block_k, group_m, num_warps, num_stages); gate_up's block_n counts gate (and up)
 GATE_UP = [
@@ -161,14 +164,10 @@ def _shared(shape: dict):
     return w13, w2, _Pools(shape)
 
 
-def decode_launches(m: int):
-    """Launch the kernels as a decode graph of m tokens does (`cuda_graph_runner`): with PDL up
-    to PDL_MAX_BS, where the MoE-LoRA delta kernel overlaps the base GEMM's weight stream
-    (wait_late), so a config that times faster alone can be slower there (H200, M=8)."""
-    from sglora.kernels import pdl_launches
-    from sglora.model_executor.cuda_graph_runner import PDL_MAX_BS
-
-    return pdl_launches(m <= PDL_MAX_BS)
+def lora_launches(m: int):
+    """The LoRA layer's launch mode while timing M: a decode graph's up to PDL_MAX_BS; the
+    larger buckets also serve prefills, which launch without PDL, so they are timed without."""
+    return decode_launches(m, pdl=m <= PDL_MAX_BS)
 
 
 def _compile_worker(tasks: list[tuple], shape: dict) -> int:
@@ -180,7 +179,7 @@ def _compile_worker(tasks: list[tuple], shape: dict) -> int:
         p = probs.setdefault(m, Problem(m, shape, w13, w2, pools))
         try:
             if kind == "lora":
-                with decode_launches(m):
+                with lora_launches(m):
                     p.lora(c)()
             else:
                 getattr(p, kind)(bm, GemmConfig(*c))()
@@ -240,7 +239,7 @@ def tune(
     for m in ms:
         p = Problem(m, shape, w13, w2, pools)
         cands = [MoEConfig(*best_base[m], lc) for lc in lora_cands(m, wide)]
-        with decode_launches(m):
+        with lora_launches(m):
             times = [timed(p.lora(c)) for c in cands]
         best = cands[min(range(len(cands)), key=times.__getitem__)]
         print(f"M={m} lora: {min(times):.4f} ms {best.lora}", flush=True)

@@ -39,6 +39,13 @@ logger = logging.getLogger(__name__)
 PDL_MAX_BS = 128
 
 
+def decode_launches(bs: int, pdl: bool = True):
+    """How the kernels of a decode graph of bs requests launch (`pdl`: the device has PDL and
+    --disable-pdl is off): PDL for every Triton kernel up to PDL_MAX_BS, and for the MoE-LoRA
+    delta chains at every size. The tuner and the sm_90 compile check launch the same way."""
+    return pdl_launches(pdl and bs <= PDL_MAX_BS, delta_chains=pdl)
+
+
 def default_capture_sizes(max_bs: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to 256, then every 16: padding wastes at most ~6%."""
     sizes = [1, 2, 4] + list(range(8, 257, 8)) + list(range(272, max(max_bs, 256) + 1, 16))
@@ -111,7 +118,7 @@ class CudaGraphRunner:
                 self.runner.attn_backend.init_forward_metadata(fb)
                 fb.lora = self._static_lora_info(bs) if pool == "lora" else None
                 self._set_active_lora(fb.lora)
-                with pdl_launches(bs in self.pdl_sizes, delta_chains=self.pdl):
+                with decode_launches(bs, self.pdl):
                     for _ in range(2):  # warm up: autotuning, lazy allocations
                         self.runner.model(fb)
                     torch.cuda.synchronize()

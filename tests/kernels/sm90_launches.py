@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import torch
 
-from sglora import kernels
 from sglora.kernels import fused_moe, lora_csgmv, lora_token
 from sglora.kernels.activation import act_and_mul
 from sglora.kernels.attention_decode import decode_attention, max_kv_splits_for
@@ -32,7 +31,7 @@ from sglora.kernels.norm import fused_add_rmsnorm, rmsnorm
 from sglora.kernels.rotary import KVWrite, rotary_embedding
 from sglora.kernels.router import FUSED_MAX_TOKENS, fused_router, topk_softmax
 from sglora.lora.backends.csgmv import build_segments
-from sglora.model_executor.cuda_graph_runner import PDL_MAX_BS
+from sglora.model_executor.cuda_graph_runner import decode_launches
 
 NUM_SMS = 132  # an H200's (and an H100 SXM's)
 SLOTS, RANK, CHUNK, VOCAB = 8, 16, 16, 4096
@@ -198,7 +197,7 @@ class Scenario(NamedTuple):
         if self.prefill:
             yield
         else:
-            with kernels.pdl_launches(self.tokens <= PDL_MAX_BS, delta_chains=True):
+            with decode_launches(self.tokens):
                 yield
 
 
