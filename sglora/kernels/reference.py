@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# ---- decoder-layer ops (norm.py, rotary.py with its KV-cache write, router.py, activation.py) -
+# ---- decoder-layer ops (norm.py, rotary.py with its KV write, router.py, gemv.py, activation.py)
 
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -72,6 +72,12 @@ def topk_softmax_ref(
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights.to(out_dtype), ids
+
+
+def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Twin of `gemv` (gemv.py): F.linear with float32 sums, rounded once to x's dtype."""
+    b = None if bias is None else bias.float()
+    return F.linear(x.float(), w.float(), b).to(x.dtype)
 
 
 GATED_ACTS = {

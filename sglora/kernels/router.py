@@ -149,7 +149,6 @@ def _fused_router_kernel(
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl_wait(USE_PDL)
     n_blocks = tl.cdiv(E, BLOCK_N)
     pid = tl.program_id(0)
     split = pid // n_blocks
@@ -157,14 +156,20 @@ def _fused_router_kernel(
     t_ok = t < M
     n = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < E
+    g_rows = gate_ptr + n[:, None] * stride_g
+    # The router weight is written by no kernel: the first (at decode sizes the only) tile of a
+    # program's chunk loads while the previous kernel still runs. Every chunk has one tile.
+    k = split * chunk + tl.arange(0, BLOCK_H)
+    g = tl.load(g_rows + k[None, :], mask=n_ok[:, None] & (k < H)[None, :], other=0.0)
+    pdl_wait(USE_PDL)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(split * chunk, tl.minimum(split * chunk + chunk, H), BLOCK_H):
         k = k0 + tl.arange(0, BLOCK_H)
         k_ok = k < H
+        if k0 > split * chunk:
+            g = tl.load(g_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_ptr + t[:, None] * stride_x + k[None, :],
                     mask=t_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-        g = tl.load(gate_ptr + n[:, None] * stride_g + k[None, :],
-                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
         acc = tl.dot(x, tl.trans(g), acc, input_precision=DOT_PRECISION)
     tl.store(part_ptr + split * M * E + t[:, None] * E + n[None, :], acc,
              mask=t_ok[:, None] & n_ok[None, :])  # fmt: skip

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglora.distributed.parallel_state import divide, get_tp_rank, get_tp_size, tp_all_reduce
+from sglora.kernels import use_triton
 
 
 def narrow(loaded: Any, dim: int, start: int, length: int) -> torch.Tensor:
@@ -35,6 +36,22 @@ def copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
             f"checkpoint has {tuple(loaded.shape)}"
         )
     param.data.copy_(loaded)
+
+
+# Up to this many rows `linear` runs the skinny-GEMM kernel. H200, qkv_proj and o_proj of
+# Qwen3-30B-A3B after an RMSNorm in a PDL graph (scripts/bench_gemv.py, gemv_pdl_h200.log): 0.81x
+# cuBLAS's time at one row, 1.22x at four (each row of x costs each program a reduction).
+SKINNY_MAX_TOKENS = 1
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; on the GPU, decode-sized batches go through the skinny-GEMM kernel, which reads
+    its weights before waiting for the previous kernel (kernels/gemv.py says why)."""
+    if use_triton(x) and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_TOKENS:
+        from sglora.kernels.gemv import gemv
+
+        return gemv(x, w, b)
+    return F.linear(x, w, b)
 
 
 class LinearBase(nn.Module):
@@ -91,8 +108,8 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shrink_in_gemm(x):
-            return self.split_and_expand(F.linear(x, self.weight_ext, self.bias_ext))
-        y = F.linear(x, self.weight, self.bias)
+            return self.split_and_expand(linear(x, self.weight_ext, self.bias_ext))
+        y = linear(x, self.weight, self.bias)
         if self.lora is not None:
             self.lora(x, y)
         return y
@@ -230,12 +247,12 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shrink_in_gemm(x):
-            full = F.linear(x, self.weight_ext)
+            full = linear(x, self.weight_ext)
             if self.reduce_results:  # base and shrink partials in one all-reduce
                 full = tp_all_reduce(full)
             y = self.split_and_expand(full)
         else:
-            y = F.linear(x, self.weight)
+            y = linear(x, self.weight)
             # this rank's LoRA partial joins the base partial, so one all-reduce sums both
             if self.lora is not None:
                 self.lora(x, y)

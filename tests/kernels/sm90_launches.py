@@ -25,11 +25,13 @@ from sglora.kernels import fused_moe, lora_csgmv, lora_token
 from sglora.kernels.activation import act_and_mul
 from sglora.kernels.attention_decode import decode_attention, max_kv_splits_for
 from sglora.kernels.attention_extend import extend_attention
+from sglora.kernels.gemv import gemv
 from sglora.kernels.moe_align import moe_align
 from sglora.kernels.moe_lora import ExpertLoRA, moe_lora_forward
 from sglora.kernels.norm import fused_add_rmsnorm, rmsnorm
 from sglora.kernels.rotary import KVWrite, rotary_embedding
 from sglora.kernels.router import FUSED_MAX_TOKENS, fused_router, topk_softmax
+from sglora.layers.linear import SKINNY_MAX_TOKENS
 from sglora.lora.backends.csgmv import build_segments
 from sglora.model_executor.cuda_graph_runner import decode_launches
 
@@ -49,6 +51,7 @@ class Model(NamedTuple):
     experts: int = 0
     top_k: int = 0
     moe_inter: int = 0  # per expert, on this TP rank
+    qkv_bias: bool = False
 
     @property
     def qkv(self) -> tuple[int, int, int]:
@@ -57,7 +60,7 @@ class Model(NamedTuple):
 
 
 QWEN3_MOE = Model(2048, 32, 4, 128, 6144, True, 128, 8, 768)
-QWEN2_SMALL = Model(896, 14, 2, 64, 4864, False)
+QWEN2_SMALL = Model(896, 14, 2, 64, 4864, False, qkv_bias=True)
 
 
 def empty(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -86,10 +89,15 @@ def attention(m: Model, t: int, dt: torch.dtype, prefill: bool) -> None:
 
 
 def dense_layer(m: Model, t: int, dt: torch.dtype, prefill: bool) -> None:
-    """The norms, attention and gated MLP activation of a decoder layer."""
+    """The norms, attention and gated MLP activation of a decoder layer, and at decode sizes
+    the projections (cuBLAS above them)."""
     x, w = empty(t, m.hidden, dtype=dt), empty(m.hidden, dtype=dt)
     rmsnorm(x, w, 1e-6)
     fused_add_rmsnorm(x, empty(t, m.hidden, dtype=dt), w, 1e-6)
+    if t <= SKINNY_MAX_TOKENS:
+        n, q = sum(m.qkv), m.qkv[0]
+        gemv(x, empty(n, m.hidden, dtype=dt), empty(n, dtype=dt) if m.qkv_bias else None)
+        gemv(empty(t, q, dtype=dt), empty(m.hidden, q, dtype=dt))
     attention(m, t, dt, prefill)
     act_and_mul(empty(t, 2 * m.mlp, dtype=dt), "silu")
 
@@ -217,6 +225,7 @@ def scenarios() -> Iterator[Scenario]:
     for t, prefill in ((8, False), (512, True)):
         yield make("qwen2-0.5b bf16", t, prefill, step, QWEN2_SMALL, t, BF16, prefill)
         yield make("branches", t, prefill, branches, QWEN3_MOE, t, prefill)
+    yield make("qwen2-0.5b bf16 layer", 1, False, dense_layer, QWEN2_SMALL, 1, BF16, False)
     yield make("fp32 routing", 8, False, moe_layer, QWEN3_MOE, 8, BF16, FP32)
     yield make("fp32 routing base", 512, True, moe_layer, QWEN3_MOE, 512, BF16, FP32, False)
     for t, prefill in ((1, False), (512, True)):

@@ -1,12 +1,12 @@
 """The layers' kernel path (what CUDA runs: fused norms, q/k-norm + rotary writing K/V into
-the cache, router, gated activation) gives the models HF's logprobs, run here on CPU under the
-Triton interpreter by forcing `use_triton`. The MoE experts and attention stay on their PyTorch
-paths; they have their own kernel tests. Three families cover every branch of the wiring:
-per-head q/k norm and renormalised routing (qwen3_moe), full-projection q/k norm on a
-row-strided q (olmoe), qkv bias and the dense MLP of the shared expert (qwen2_moe). The
-router runs both ways: GEMM + top-k in one launch for the small batches, and, where the
-fused-router threshold is lowered below the prefill's token count (olmoe), cuBLAS + top-k.
-Small prompts: the interpreter runs one Python loop per program."""
+the cache, router, gated activation, the skinny linear of the decode steps) gives the models
+HF's logprobs, run here on CPU under the Triton interpreter by forcing `use_triton`. The MoE
+experts and attention stay on their PyTorch paths; they have their own kernel tests. Three
+families cover every branch of the wiring: per-head q/k norm and renormalised routing
+(qwen3_moe), full-projection q/k norm on a row-strided q (olmoe), qkv bias and the dense MLP of
+the shared expert (qwen2_moe). The router runs both ways: GEMM + top-k in one launch for the
+small batches, and, where the fused-router threshold is lowered below the prefill's token count
+(olmoe), cuBLAS + top-k. Small prompts: the interpreter runs one Python loop per program."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import sglora.kernels
+import sglora.kernels.gemv as gemv_kernels
 import sglora.kernels.router as router_kernels
+import sglora.layers.linear as linear_layer
 import sglora.layers.moe.router as router_layer
 from sglora.engine import Engine
 from tests.conftest import random_prompts
@@ -54,6 +56,9 @@ def test_kernel_path_matches_hf(family, tiny_path, force_triton, monkeypatch):
     assert router_layer.FUSED_ROUTER_MAX_TOKENS < 45
     fused = count_calls(monkeypatch, router_kernels, "fused_router")
     unfused = count_calls(monkeypatch, router_kernels, "topk_softmax")
+    # the server's skinny linear takes batch-1 decode steps; here the 2-token ones take it too
+    monkeypatch.setattr(linear_layer, "SKINNY_MAX_TOKENS", 2)
+    skinny = count_calls(monkeypatch, gemv_kernels, "gemv")
     engine = Engine(model_path=str(path), device="cpu", chunked_prefill_size=64)
     prompts = random_prompts(engine.model_config.vocab_size, [5, 40], seed=3)
     results = engine.generate(
@@ -63,4 +68,4 @@ def test_kernel_path_matches_hf(family, tiny_path, force_triton, monkeypatch):
         logprob_start_len=0,
     )
     check_against_hf(path, prompts, results)
-    assert fused[0] > 0 and unfused[0] > 0
+    assert fused[0] > 0 and unfused[0] > 0 and skinny[0] > 0

@@ -1,0 +1,108 @@
+"""Skinny linear for decode-sized batches (between `layers/linear.py` and Triton): y = x Wᵀ (+ b)
+for at most MAX_TOKENS rows of x, where the projection is a read of W and nothing else.
+
+Why not cuBLAS there: in a decode graph under PDL (kernels/pdl.py) this kernel loads its first
+K tile of W before `griddepcontrol.wait`, so the weight read of qkv_proj (21 MB at Qwen3-30B-A3B
+shapes) starts while the RMSNorm before it still runs, and o_proj's while the attention reduce
+does; cuBLAS launches without PDL and reads nothing until its predecessor has finished. It also
+needs no split-K reduce launch: each program owns whole rows of W. Without PDL (eager launches)
+the same kernel runs, so eager and graph decode compute the same sums.
+
+Math: y[t, n] = ⌊Σ_k x[t, k]·W[n, k] + b[n]⌋ with the sum and the bias add in float32 and ⌊·⌋
+the rounding to x's dtype: F.linear's roundings, with another order of the sum. A row's result
+does not depend on the other rows of the batch.
+
+Pointer layouts: x [T, K] and W [N, K] with any row stride, last dim contiguous; b [N]; y [T, N]
+contiguous. Program p owns rows p·BLOCK_N .. of W and walks K in BLOCK_K tiles; the T rows of x
+are read from L2 tile by tile (T is a constexpr: one compiled variant per batch size).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sglora.kernels.moe_common import KERNEL_DTYPES, check_shape, check_tensor
+from sglora.kernels.pdl import pdl_launch, pdl_wait
+
+MAX_TOKENS = 8  # rows of x a launch takes (layers/linear.py decides where it pays)
+# Elements of W a program holds per K tile, and its warps: on an H200 at qkv_proj and o_proj
+# shapes, in graphs of PDL chains (scripts/bench_gemv.py, gemv_pdl_h200.log), 4096-16384 x 4-8
+# warps were within 6% of each other at one row.
+TILE_ELEMENTS = 8192
+NUM_WARPS = 4
+
+
+@triton.jit
+def _gemv_tile(acc, w, x_ptr, stride_x, k, K, T: tl.constexpr, T_PAD: tl.constexpr):
+    """acc [T_PAD, BLOCK_N] += x[:, k] · w[:, k]ᵀ for the BLOCK_K columns k (masked past K)."""
+    k_ok = k < K
+    tt = tl.arange(0, T_PAD)
+    wf = w.to(tl.float32)
+    for t in tl.static_range(T):
+        xt = tl.load(x_ptr + t * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
+        s = tl.sum(wf * xt[None, :], axis=1)  # [BLOCK_N]
+        acc = tl.where(tt[:, None] == t, acc + s[None, :], acc)
+    return acc
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_w,
+    T: tl.constexpr, T_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_w
+    # W and b are written by no kernel: their loads may overlap the previous kernel's tail
+    w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    pdl_wait(USE_PDL)
+    acc = tl.zeros((T_PAD, BLOCK_N), dtype=tl.float32)
+    acc = _gemv_tile(acc, w, x_ptr, stride_x, k, K, T, T_PAD)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        kk = k0 + k
+        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & (kk < K)[None, :], other=0.0)
+        acc = _gemv_tile(acc, w, x_ptr, stride_x, kk, K, T, T_PAD)
+    if HAS_BIAS:
+        acc += b[None, :]
+    tt = tl.arange(0, T_PAD)
+    mask = (tt < T)[:, None] & n_ok[None, :]
+    tl.store(y_ptr + tt[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def gemv_blocks(n: int, k: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K): a tile of TILE_ELEMENTS, as wide in K as it can be (up to all of K)."""
+    block_k = min(triton.next_power_of_2(k), TILE_ELEMENTS)
+    block_n = min(TILE_ELEMENTS // block_k, triton.next_power_of_2(n))
+    return block_n, block_k
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] (T ≤ MAX_TOKENS) times W [N, K]ᵀ (+ bias [N]) -> y [T, N] in x's dtype."""
+    check_tensor("x", x, 2, KERNEL_DTYPES)
+    check_tensor("weight", w, 2, (x.dtype,), x.device)
+    t, k = x.shape
+    n = w.shape[0]
+    check_shape("weight", w, (n, k))
+    if t > MAX_TOKENS:
+        raise ValueError(f"gemv: {t} rows of x, at most {MAX_TOKENS}")
+    if bias is not None:
+        check_tensor("bias", bias, 1, (x.dtype,), x.device)
+        check_shape("bias", bias, (n,))
+    y = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    if t == 0 or n == 0:
+        return y
+    if k == 0:
+        return y.copy_(bias.expand(t, n)) if bias is not None else y.zero_()
+    block_n, block_k = gemv_blocks(n, k)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, w, w if bias is None else bias, y, n, k, x.stride(0), w.stride(0),
+        T=t, T_PAD=triton.next_power_of_2(t), HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS, **pdl_launch(x.device),
+    )  # fmt: skip
+    return y
