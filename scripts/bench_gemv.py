@@ -2,14 +2,15 @@
 decode graph runs it: after an RMSNorm, in a CUDA graph captured with PDL, with cold weights (8
 copies, 8 (norm, linear) pairs a graph). Qwen3-30B-A3B shapes, bf16: qkv_proj [5120, 2048],
 o_proj [2048, 4096], and each with the LoRA pool's A rows of 8 rank-16 slots appended (the
-weight a LoRA batch multiplies by). Sweeps the kernel's tile (TILE_ELEMENTS) and warps; the
-best setting over all rows goes into kernels/gemv.py, the largest T where it wins into
-`MAX_TOKENS`.
+weight a LoRA batch multiplies by). Sweeps the kernel's settings (tile, warps, sub-row width);
+the best over all rows goes into kernels/gemv.py, the largest T where it wins into
+`layers/linear.py`'s SKINNY_MAX_TOKENS.
 
     PYTHONPATH=. python scripts/bench_gemv.py [--tokens 1 2 4 8 16] [--out rows.json]
 
 Prints µs per (norm + linear) pair, the graph's replay time / 8 (medians of 5 × 100 replays);
-rows: `shape, T, impl, tile, warps, us, device, date, commit`.
+rows: `shape, T, impl, tile, warps, subk, us, device, date, commit` (cuBLAS rows without the
+settings).
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--tokens", nargs="*", type=int, default=[1, 2, 4, 8])
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
-    ap.add_argument("--tiles", nargs="*", type=int, default=[4096, 8192, 16384])
-    ap.add_argument("--warps", nargs="*", type=int, default=[2, 4, 8])
+    ap.add_argument("--configs", nargs="*", default=["4096/4/256", "8192/4/256", "16384/8/256"],
+                    help="kernel settings TILE_ELEMENTS/NUM_WARPS/SUBK")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     name = torch.cuda.get_device_name()
@@ -89,24 +90,24 @@ def main() -> None:
             return run
 
         base = graph_us(body(F.linear), COPIES)
-        rows.append(dict(shape=shape, T=t, impl="cublas", tile=0, warps=0, us=base, **stamp))
+        rows.append(dict(shape=shape, T=t, impl="cublas", us=base, **stamp))
         line = [f"{shape:6} T={t:2d} cublas {base:6.2f}"]
-        for tile, warps in itertools.product(args.tiles, args.warps):
-            gemv_mod.TILE_ELEMENTS, gemv_mod.NUM_WARPS = tile, warps
+        for setting in args.configs:
+            tile, warps, subk = (int(v) for v in setting.split("/"))
+            gemv_mod.TILE_ELEMENTS, gemv_mod.NUM_WARPS, gemv_mod.SUBK = tile, warps, subk
             if t > gemv_mod.MAX_TOKENS:
                 gemv_mod.MAX_TOKENS = t  # measure beyond the current limit too
             us = graph_us(body(gemv_mod.gemv), COPIES)
-            totals.setdefault((tile, warps), {})[(shape, t)] = us / base
-            rows.append(dict(shape=shape, T=t, impl="gemv", tile=tile, warps=warps, us=us,
-                             **stamp))  # fmt: skip
-            line.append(f"{tile}/{warps} {us:6.2f}")
+            totals.setdefault(setting, {})[(shape, t)] = us / base
+            rows.append(dict(shape=shape, T=t, impl="gemv", tile=tile, warps=warps, subk=subk,
+                             us=us, **stamp))  # fmt: skip
+            line.append(f"{setting} {us:6.2f}")
         print("  ".join(line) + f"  (max |gemv - ref| {err:.3g})", flush=True)
     print("\ngemv / cuBLAS per setting (geometric mean over shapes), by T:")
     for setting, ratios in totals.items():
         by_t = {t: statistics.geometric_mean([r for (_, tt), r in ratios.items() if tt == t])
                 for t in args.tokens}  # fmt: skip
-        print(f"  tile {setting[0]:5d} warps {setting[1]}: "
-              + "  ".join(f"T={t} {r:.3f}" for t, r in by_t.items()))  # fmt: skip
+        print(f"  {setting:12}: " + "  ".join(f"T={t} {r:.3f}" for t, r in by_t.items()))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -14,7 +14,9 @@ does not depend on the other rows of the batch.
 
 Pointer layouts: x [T, K] and W [N, K] with any row stride, last dim contiguous; b [N]; y [T, N]
 contiguous. Program p owns rows p·BLOCK_N .. of W and walks K in BLOCK_K tiles; the T rows of x
-are read from L2 tile by tile (T is a constexpr: one compiled variant per batch size).
+are read from L2 tile by tile (T is a constexpr: one compiled variant per batch size). Beyond
+one row cuBLAS is faster (1.0x its time at two rows, 1.4x at four): each row of x costs every
+program a pass over its registers and a reduction.
 """
 
 from __future__ import annotations
@@ -27,22 +29,23 @@ from sglora.kernels.moe_common import KERNEL_DTYPES, check_shape, check_tensor
 from sglora.kernels.pdl import pdl_launch, pdl_wait
 
 MAX_TOKENS = 8  # rows of x a launch takes (layers/linear.py decides where it pays)
-# Elements of W a program holds per K tile, and its warps: on an H200 at qkv_proj and o_proj
-# shapes, in graphs of PDL chains (scripts/bench_gemv.py, gemv_pdl_h200.log), 4096-16384 x 4-8
-# warps were within 6% of each other at one row.
+# Elements of W a program holds per K tile, its warps, and the sub-row width. On an H200 at
+# qkv_proj and o_proj shapes, after an RMSNorm in a PDL graph (scripts/bench_gemv.py,
+# gemv_pdl_h200.log): 0.76x cuBLAS's time at one row (4096-16384 elements x 4-8 warps x 128-512
+# columns: 0.76-0.91x); whole rows (SUBK = BLOCK_K) were 0.3-0.6 us a call slower on qkv_proj.
 TILE_ELEMENTS = 8192
-NUM_WARPS = 4
+NUM_WARPS = 8
+SUBK = 256
 
 
 @triton.jit
-def _gemv_tile(acc, w, x_ptr, stride_x, k, K, T: tl.constexpr, T_PAD: tl.constexpr):
-    """acc [T_PAD, BLOCK_N] += x[:, k] · w[:, k]ᵀ for the BLOCK_K columns k (masked past K)."""
-    k_ok = k < K
+def _gemv_tile(acc, w, x_ptr, stride_x, kx, k_ok, T: tl.constexpr, T_PAD: tl.constexpr):
+    """acc [T_PAD, ROWS] += per sub-row, Σ over its SUBK columns kx of x[t, kx]·w (masked)."""
     tt = tl.arange(0, T_PAD)
     wf = w.to(tl.float32)
     for t in tl.static_range(T):
-        xt = tl.load(x_ptr + t * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
-        s = tl.sum(wf * xt[None, :], axis=1)  # [BLOCK_N]
+        xt = tl.load(x_ptr + t * stride_x + kx, mask=k_ok, other=0.0).to(tl.float32)
+        s = tl.sum(wf * xt, axis=1)  # [ROWS]: within a warp, no shared memory
         acc = tl.where(tt[:, None] == t, acc + s[None, :], acc)
     return acc
 
@@ -51,35 +54,45 @@ def _gemv_tile(acc, w, x_ptr, stride_x, k, K, T: tl.constexpr, T_PAD: tl.constex
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_w,
     T: tl.constexpr, T_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUBK: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # The [BLOCK_N, BLOCK_K] tile of W is held as S = BLOCK_K / SUBK sub-rows a row, [ROWS, SUBK]
+    # with SUBK one warp's width of vector loads, so a warp's threads share a sub-row: each row
+    # of x costs a reduction within warps, and the S partials of a row are summed once, at the end.
+    S: tl.constexpr = BLOCK_K // SUBK
+    ROWS: tl.constexpr = BLOCK_N * S
+    r = tl.arange(0, ROWS)
+    n = tl.program_id(0) * BLOCK_N + r // S
     n_ok = n < N
-    k = tl.arange(0, BLOCK_K)
+    kx = ((r % S) * SUBK)[:, None] + tl.arange(0, SUBK)[None, :]  # [ROWS, SUBK] columns
     w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_w
     # W and b are written by no kernel: their loads may overlap the previous kernel's tail
-    w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+    k_ok = n_ok[:, None] & (kx < K)
+    w = tl.load(w_rows + kx, mask=k_ok, other=0.0)
+    nb = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
-        b = tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + nb, mask=nb < N, other=0.0).to(tl.float32)
     pdl_wait(USE_PDL)
-    acc = tl.zeros((T_PAD, BLOCK_N), dtype=tl.float32)
-    acc = _gemv_tile(acc, w, x_ptr, stride_x, k, K, T, T_PAD)
+    acc = tl.zeros((T_PAD, ROWS), dtype=tl.float32)
+    acc = _gemv_tile(acc, w, x_ptr, stride_x, kx, k_ok, T, T_PAD)
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        kk = k0 + k
-        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & (kk < K)[None, :], other=0.0)
-        acc = _gemv_tile(acc, w, x_ptr, stride_x, kk, K, T, T_PAD)
+        k_ok = n_ok[:, None] & (kx + k0 < K)
+        w = tl.load(w_rows + kx + k0, mask=k_ok, other=0.0)
+        acc = _gemv_tile(acc, w, x_ptr, stride_x, kx + k0, k_ok, T, T_PAD)
+    y = tl.sum(tl.reshape(acc, (T_PAD, BLOCK_N, S)), axis=2)  # [T_PAD, BLOCK_N]
     if HAS_BIAS:
-        acc += b[None, :]
+        y += b[None, :]
     tt = tl.arange(0, T_PAD)
-    mask = (tt < T)[:, None] & n_ok[None, :]
-    tl.store(y_ptr + tt[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    mask = (tt < T)[:, None] & (nb < N)[None, :]
+    tl.store(y_ptr + tt[:, None] * N + nb[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def gemv_blocks(n: int, k: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K): a tile of TILE_ELEMENTS, as wide in K as it can be (up to all of K)."""
+def gemv_blocks(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, SUBK): a tile of TILE_ELEMENTS, as wide in K as it can be (up to all
+    of K), in sub-rows of SUBK = 256 columns (32 threads x 8 elements: 16-byte loads)."""
     block_k = min(triton.next_power_of_2(k), TILE_ELEMENTS)
     block_n = min(TILE_ELEMENTS // block_k, triton.next_power_of_2(n))
-    return block_n, block_k
+    return block_n, block_k, min(block_k, SUBK)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,10 +112,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> 
         return y
     if k == 0:
         return y.copy_(bias.expand(t, n)) if bias is not None else y.zero_()
-    block_n, block_k = gemv_blocks(n, k)
+    block_n, block_k, subk = gemv_blocks(n, k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, w if bias is None else bias, y, n, k, x.stride(0), w.stride(0),
         T=t, T_PAD=triton.next_power_of_2(t), HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS, **pdl_launch(x.device),
+        BLOCK_N=block_n, BLOCK_K=block_k, SUBK=subk, num_warps=NUM_WARPS,
+        **pdl_launch(x.device),
     )  # fmt: skip
     return y

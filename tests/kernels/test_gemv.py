@@ -25,14 +25,17 @@ def test_gemv_matches_reference(t, n, k, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("subk", [64, 16])
 @pytest.mark.parametrize("k", [64, 200, 256])
-def test_gemv_walks_k_in_tiles_with_bias(k, dtype, monkeypatch):
-    """A 64-element tile: K of one tile, a ragged fourth and exactly four."""
+def test_gemv_walks_k_in_tiles_with_bias(k, subk, dtype, monkeypatch):
+    """A 64-element tile: K of one tile, a ragged fourth and exactly four; rows of W held whole
+    or as four sub-rows of 16."""
     monkeypatch.setattr(gemv_mod, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(gemv_mod, "SUBK", subk)
     x = randn(3, k, dtype=dtype, seed=k)
     w = randn(40, k, dtype=dtype, seed=1, scale=0.2)
     b = randn(40, dtype=dtype, seed=2)
-    assert gemv_mod.gemv_blocks(40, k) == (1, 64)
+    assert gemv_mod.gemv_blocks(40, k) == (1, 64, subk)
     close(gemv(x, w, b), gemv_ref(x, w, b), dtype)
 
 
