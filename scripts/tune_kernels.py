@@ -2,9 +2,7 @@
 (read by `kernels/moe_common.get_moe_config`).
 
 For each M: every BLOCK_M that suits the pairs per expert, with a grid of gate_up and down tiles
-timed separately (CUDA-graph replays, median); up to PDL_MAX_BS the pair is then refined as
-gate_up -> down -> top-k sum launched under PDL, as a decode graph runs them (`refine_under_pdl`);
-the best BLOCK_M kept; then the MoE-LoRA shrink
+timed separately (CUDA-graph replays, median), the best BLOCK_M kept; then the MoE-LoRA shrink
 settings (virtual-expert block, split-K, K tile) timed on the whole LoRA layer with min(M, 8)
 adapters of rank 16, launched up to PDL_MAX_BS as a decode graph of M tokens launches them
 (`cuda_graph_runner.decode_launches`: under PDL the MoE-LoRA delta kernel overlaps the base
@@ -85,22 +83,10 @@ LORA_WIDE = [
 ]
 
 
-# Decode-sized M (one block of 16 pairs per expert): narrow tiles, long K steps, few warps, as
-# --wide searches them for both GEMMs (configs that do not fit shared memory are skipped).
-GEMM_WIDE = [
-    (block_n, block_k, 1, warps, stages)
-    for block_n in (16, 32, 64)
-    for block_k in (64, 128, 256, 512)
-    for warps in (2, 4)
-    for stages in (2, 3, 4, 5)
-]
-
-
-def gemm_cands(kind: str, bm: int, wide: bool = False) -> list[tuple]:
-    base = GATE_UP + (GATE_UP_LARGE if bm >= 64 else [])
-    if kind == "down":
-        base = DOWN + (DOWN_LARGE if bm >= 64 else [])
-    return base + [c for c in GEMM_WIDE if c not in base] if wide and bm == 16 else base
+def gemm_cands(kind: str, bm: int) -> list[tuple]:
+    if kind == "gate_up":
+        return GATE_UP + (GATE_UP_LARGE if bm >= 64 else [])
+    return DOWN + (DOWN_LARGE if bm >= 64 else [])
 
 
 def block_ms(m: int, k: int, e: int) -> list[int]:
@@ -141,14 +127,6 @@ class Problem:
         h = torch.randn(self.m * self.k, self.w2.shape[2], device="cuda").bfloat16()
         return lambda: moe_down(h, self.w2, align, self.tw, c)
 
-    def chain(self, bm: int, gu: GemmConfig, dn: GemmConfig):
-        """The base layer as decode runs it: gate_up -> down -> top-k sum (at one token with
-        no alignment kernel: `align_by_expert`'s pair blocks)."""
-        from sglora.kernels.fused_moe import fused_moe
-
-        cfg = MoEConfig(bm, gu, dn, LoRAConfig(*LORA_SMALL[0]))  # the LoRA part is not run
-        return lambda: fused_moe(self.x, self.w13, self.w2, self.tw, self.ti, config=cfg)
-
     def lora(self, cfg: MoEConfig):
         from sglora.kernels.moe_lora import moe_lora_forward
 
@@ -157,13 +135,13 @@ class Problem:
         )
 
 
-def base_tasks(m: int, shape: dict, wide: bool = False) -> list[tuple]:
+def base_tasks(m: int, shape: dict) -> list[tuple]:
     k, e = shape["k"], shape["E"]
     return [
         (kind, m, bm, c)
         for bm in block_ms(m, k, e)
         for kind in ("gate_up", "down")
-        for c in gemm_cands(kind, bm, wide)
+        for c in gemm_cands(kind, bm)
     ]
 
 
@@ -205,9 +183,6 @@ def _compile_worker(tasks: list[tuple], shape: dict) -> int:
                     p.lora(c)()
             else:
                 getattr(p, kind)(bm, GemmConfig(*c))()
-                if m <= PDL_MAX_BS:  # the variant refine_under_pdl times
-                    with decode_launches(m):
-                        getattr(p, kind)(bm, GemmConfig(*c))()
         except Exception as exc:  # a config the compiler rejects (e.g. out of shared memory)
             print(f"compile {kind} M={m} BM={bm} {c}: {type(exc).__name__}: {exc}"[:300])
             bad += 1
@@ -233,23 +208,6 @@ def timed(fn) -> float:
         return float("inf")
 
 
-def refine_under_pdl(
-    p: Problem, bm: int, gu: tuple, dn: tuple, wide: bool
-) -> tuple[tuple, tuple, float]:
-    """Decode graphs of up to PDL_MAX_BS tokens launch gate_up -> down under PDL, where each
-    kernel's start overlaps the previous one's tail: a tile that times best alone need not be
-    best there. From the best pair alone, search gate_up with down fixed, then down, each timed
-    as that chain in a graph."""
-
-    def t(g: tuple, d: tuple) -> float:
-        return timed(p.chain(bm, GemmConfig(*g), GemmConfig(*d)))
-
-    with decode_launches(p.m):
-        gu = min(gemm_cands("gate_up", bm, wide), key=lambda g: t(g, dn))
-        dn = min(gemm_cands("down", bm, wide), key=lambda d: t(gu, d))
-        return gu, dn, t(gu, dn)
-
-
 def tune(
     ms: list[int], jobs: int, shape: dict, base_from: dict | None = None, wide: bool = False
 ) -> dict:
@@ -261,23 +219,16 @@ def tune(
             c = config_from_dict(base_from[str(m)])
             best_base[m] = (c.block_m, c.gate_up, c.down)
     else:
-        precompile([t for m in ms for t in base_tasks(m, shape, wide)], jobs, shape)
+        precompile([t for m in ms for t in base_tasks(m, shape)], jobs, shape)
     for m in ms if base_from is None else []:
         p = Problem(m, shape, w13, w2, pools)
         per_bm = {}
         for bm in block_ms(m, p.k, p.e):
-            gu_c, dn_c = gemm_cands("gate_up", bm, wide), gemm_cands("down", bm, wide)
-            gu = min(gu_c, key=lambda c: timed(p.gate_up(bm, GemmConfig(*c))))
-            dn = min(dn_c, key=lambda c: timed(p.down(bm, GemmConfig(*c))))
+            gu = min(gemm_cands("gate_up", bm), key=lambda c: timed(p.gate_up(bm, GemmConfig(*c))))
+            dn = min(gemm_cands("down", bm), key=lambda c: timed(p.down(bm, GemmConfig(*c))))
             t = timed(p.gate_up(bm, GemmConfig(*gu))) + timed(p.down(bm, GemmConfig(*dn)))
-            print(f"M={m} BM={bm}: {t:.4f} ms gate_up {gu} down {dn}", flush=True)
-            if m <= PDL_MAX_BS:
-                with decode_launches(m):
-                    alone = timed(p.chain(bm, GemmConfig(*gu), GemmConfig(*dn)))
-                gu, dn, t = refine_under_pdl(p, bm, gu, dn, wide)
-                print(f"M={m} BM={bm} under PDL: {alone:.4f} -> {t:.4f} ms gate_up {gu} "
-                      f"down {dn}", flush=True)  # fmt: skip
             per_bm[bm] = (t, gu, dn)
+            print(f"M={m} BM={bm}: {t:.4f} ms gate_up {gu} down {dn}", flush=True)
         bm = min(per_bm, key=lambda b: per_bm[b][0])
         best_base[m] = (bm, GemmConfig(*per_bm[bm][1]), GemmConfig(*per_bm[bm][2]))
     lora_tasks = [
@@ -307,7 +258,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=8, help="compile worker processes")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--lora-only", action="store_true", help="keep the base configs of --out")
-    ap.add_argument("--wide", action="store_true", help="also search LORA_WIDE and GEMM_WIDE")
+    ap.add_argument("--wide", action="store_true", help="also search LORA_WIDE")
     ap.add_argument("--tp", type=int, default=1, help="tune one rank's shard of the experts")
     args = ap.parse_args()
     if MOE_SHAPE["I"] % args.tp:
