@@ -46,8 +46,15 @@ SKINNY_MAX_TOKENS = 1
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; on the GPU, decode-sized batches go through the skinny-GEMM kernel, which reads
-    its weights before waiting for the previous kernel (kernels/gemv.py says why)."""
-    if use_triton(x) and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_TOKENS:
+    its weights before waiting for the previous kernel (kernels/gemv.py says why). Inputs the
+    kernel does not take (a last dim with a stride) stay on F.linear."""
+    if (
+        use_triton(x)
+        and x.dim() == 2
+        and x.shape[0] <= SKINNY_MAX_TOKENS
+        and x.stride(-1) == 1
+        and w.stride(-1) == 1
+    ):
         from sglora.kernels.gemv import gemv
 
         return gemv(x, w, b)

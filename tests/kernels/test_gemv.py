@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import sglora.kernels
 import sglora.kernels.gemv as gemv_mod
+import sglora.layers.linear as linear_mod
 from sglora.kernels.gemv import MAX_TOKENS, gemv
 from sglora.kernels.reference import gemv_ref
 from tests.kernels.layer_ops_common import DTYPES, close, randn
@@ -73,3 +75,21 @@ def test_gemv_empty_and_bad_inputs():
         gemv(randn(2, 16, dtype=torch.float32, seed=0), w, b[:4])
     with pytest.raises(ValueError, match="dtype"):
         gemv(randn(2, 16, dtype=torch.float32, seed=0), w.half())
+
+
+def test_linear_takes_the_kernel_where_it_can(monkeypatch):
+    """`layers.linear.linear` (every LinearBase's matmul) runs gemv up to SKINNY_MAX_TOKENS rows
+    of last-dim-contiguous inputs, and F.linear for everything else."""
+    monkeypatch.setattr(sglora.kernels, "FORCE_TRITON", True)  # CPU tensors, interpreted kernel
+    calls = []
+    monkeypatch.setattr(gemv_mod, "gemv", lambda *a: calls.append(a) or gemv_ref(*a))
+    x = randn(linear_mod.SKINNY_MAX_TOKENS, 32, dtype=torch.float32, seed=7)
+    w = randn(24, 32, dtype=torch.float32, seed=8)
+    torch.testing.assert_close(linear_mod.linear(x, w), gemv_ref(x, w))
+    assert len(calls) == 1
+    wide = randn(linear_mod.SKINNY_MAX_TOKENS + 1, 32, dtype=torch.float32, seed=9)
+    strided_w = randn(32, 24, dtype=torch.float32, seed=10).t()  # last dim of stride 24
+    strided_x = randn(x.shape[0], 64, dtype=torch.float32, seed=11)[:, ::2]
+    for args in ((wide, w), (x, strided_w), (strided_x, w)):
+        torch.testing.assert_close(linear_mod.linear(*args), torch.nn.functional.linear(*args))
+    assert len(calls) == 1
