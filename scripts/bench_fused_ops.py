@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_kernels import git_commit  # scripts/ is on sys.path when run as a script
 from triton.testing import do_bench_cudagraph
 
 from sglora.kernels import reference as ref
@@ -37,7 +37,6 @@ from sglora.layers.rotary import RotaryEmbedding
 
 H, HQ, HK, D, E, TOP_K, DENSE_I, EPS = 2048, 32, 4, 128, 128, 8, 6144, 1e-6
 DT, DEV = torch.bfloat16, "cuda"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Problem:
@@ -148,14 +147,6 @@ def check(p: Problem) -> list[str]:
         out.append(f"router_fused {diff(w, w_ref):.3g} same experts {same:.0%} of rows")
     out.append(f"act_and_mul {diff(act_and_mul(p.gate_up), ref.act_and_mul_ref(p.gate_up)):.3g}")
     return out
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
-                              capture_output=True, text=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

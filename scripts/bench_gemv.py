@@ -20,11 +20,11 @@ import datetime
 import itertools
 import json
 import statistics
-import subprocess
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_kernels import git_commit  # scripts/ is on sys.path when run as a script
 
 import sglora.kernels.gemv as gemv_mod
 from sglora.kernels import pdl_launches
@@ -33,7 +33,6 @@ from sglora.kernels.reference import gemv_ref
 
 SHAPES = {"qkv": (5120, 2048), "qkv+A": (5504, 2048), "o": (2048, 4096), "o+A": (2176, 4096)}
 COPIES, DT, EPS = 8, torch.bfloat16, 1e-6
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def graph_us(body, copies: int) -> float:
@@ -54,14 +53,6 @@ def graph_us(body, copies: int) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / 100 / copies)
     return statistics.median(times)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
-                              capture_output=True, text=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
