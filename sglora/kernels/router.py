@@ -26,6 +26,13 @@ splits of a block of rows a load), rounds them to x's dtype, routes all T rows a
 the counter for the next launch (or CUDA-graph replay). The sums never depend on arrival
 order, so the result is deterministic, and no program waits on another, so the grid need not
 be co-resident.
+
+`fused_add_rmsnorm_router` puts the decoder layer's post-attention residual add + RMSNorm in
+front of it, in the same launch: x is then the attention output, with a residual [T, H] and the
+norm weight [H]. Every program sums the squares of each whole row s = ⌊x + r⌋ itself (a row of
+≤ MAX_NORM_ROW values in registers) and normalises the x tiles it multiplies; program 0 also
+stores s and the normalised rows (new [T, H] tensors) for the experts and the next layer. At
+decode sizes that saves the norm's launch, its dependent wait and one L2 round trip.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from sglora.kernels.pdl import pdl_launch, pdl_wait
 MAX_EXPERTS = 1024  # a row of router logits stays in registers
 MAX_TOP_K = 64
 FUSED_MAX_TOKENS = 64  # every program holds its [T, BLOCK_N] logits tile in registers
+MAX_NORM_ROW = 8192  # fused_add_rmsnorm_router: each program sums a row's squares in registers
 # Heuristic split of the fused router's work, to be tuned on an H200 with
 # scripts/bench_fused_ops.py (router_fused rows) like the MoE configs.
 FUSED_PROGRAMS = 128  # ~one program per SM (132 on H100/H200)
@@ -141,11 +149,42 @@ def topk_softmax(
 
 
 @triton.jit
+def _rms_inv(x_ptr, r_ptr, M, H, stride_x, stride_r, eps,
+             BLOCK_T: tl.constexpr, BLOCK_HF: tl.constexpr):  # fmt: skip
+    """[BLOCK_T] float32 rsqrt(mean(s²) + eps) of each row s = ⌊x + r⌋ (norm.py's roundings)."""
+    tt = tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_HF)
+    c_ok = cols < H
+    inv = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for row in range(M):
+        x = tl.load(x_ptr + row * stride_x + cols, mask=c_ok, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + row * stride_r + cols, mask=c_ok, other=0.0).to(tl.float32)
+        h = (x + r).to(x_ptr.dtype.element_ty).to(tl.float32)
+        inv = tl.where(tt == row, tl.rsqrt(tl.sum(h * h, axis=0) / H + eps), inv)
+    return inv
+
+
+@triton.jit
+def _add_rmsnorm_tile(x_ptr, r_ptr, nw_ptr, t, t_ok, k, k_ok, inv, stride_x, stride_r):
+    """(s, y) on the rows t and columns k: s = ⌊x + r⌋ and y = RMSNorm(s) as norm.py rounds it,
+    with each row's rsqrt factor in inv."""
+    mask = t_ok[:, None] & k_ok[None, :]
+    dt = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + t[:, None] * stride_x + k[None, :], mask=mask, other=0.0)
+    r = tl.load(r_ptr + t[:, None] * stride_r + k[None, :], mask=mask, other=0.0)
+    s = (x.to(tl.float32) + r.to(tl.float32)).to(dt)
+    nw = tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    hn = (s.to(tl.float32) * inv[:, None]).to(dt).to(tl.float32)
+    return s, (hn * nw[None, :]).to(dt)
+
+
+@triton.jit
 def _fused_router_kernel(
     x_ptr, gate_ptr, part_ptr, counter_ptr, w_ptr, ids_ptr,
+    r_ptr, nw_ptr, xo_ptr, ro_ptr, eps, stride_r,
     M, E, H, stride_x, stride_g, chunk, n_split,
-    TOP_K: tl.constexpr, RENORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    TOP_K: tl.constexpr, RENORM: tl.constexpr, DOT_PRECISION: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
@@ -162,14 +201,29 @@ def _fused_router_kernel(
     k = split * chunk + tl.arange(0, BLOCK_H)
     g = tl.load(g_rows + k[None, :], mask=n_ok[:, None] & (k < H)[None, :], other=0.0)
     pdl_wait(USE_PDL)
+    if NORM:  # every program normalises the rows it reads; the first also stores them
+        inv = _rms_inv(x_ptr, r_ptr, M, H, stride_x, stride_r, eps, BLOCK_T, BLOCK_HF)
+        if pid == 0:
+            for k0 in range(0, H, BLOCK_H):
+                k = k0 + tl.arange(0, BLOCK_H)
+                k_ok = k < H
+                s, y = _add_rmsnorm_tile(x_ptr, r_ptr, nw_ptr, t, t_ok, k, k_ok, inv, stride_x,
+                                         stride_r)  # fmt: skip
+                out = t[:, None] * H + k[None, :]
+                tl.store(ro_ptr + out, s, mask=t_ok[:, None] & k_ok[None, :])
+                tl.store(xo_ptr + out, y, mask=t_ok[:, None] & k_ok[None, :])
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(split * chunk, tl.minimum(split * chunk + chunk, H), BLOCK_H):
         k = k0 + tl.arange(0, BLOCK_H)
         k_ok = k < H
         if k0 > split * chunk:
             g = tl.load(g_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + t[:, None] * stride_x + k[None, :],
-                    mask=t_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+        if NORM:
+            _, x = _add_rmsnorm_tile(x_ptr, r_ptr, nw_ptr, t, t_ok, k, k_ok, inv, stride_x,
+                                     stride_r)  # fmt: skip
+        else:
+            x = tl.load(x_ptr + t[:, None] * stride_x + k[None, :],
+                        mask=t_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
         acc = tl.dot(x, tl.trans(g), acc, input_precision=DOT_PRECISION)
     tl.store(part_ptr + split * M * E + t[:, None] * E + n[None, :], acc,
              mask=t_ok[:, None] & n_ok[None, :])  # fmt: skip
@@ -237,6 +291,15 @@ def _arrival_counter(device: torch.device) -> torch.Tensor:
     return c
 
 
+class AddRMSNorm(NamedTuple):
+    """The residual add + RMSNorm in front of the router (norm.py's `fused_add_rmsnorm`, whose
+    input x is then the router's)."""
+
+    residual: torch.Tensor  # [T, H], x's dtype
+    weight: torch.Tensor  # [H]
+    eps: float
+
+
 def fused_router(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
@@ -247,6 +310,41 @@ def fused_router(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H], router weight [E, H] (x's dtype) -> (weights [T, k] out_dtype, expert ids
     [T, k] int64) for T ≤ FUSED_MAX_TOKENS, in one launch."""
+    weights, ids, _, _ = _launch(x, gate_weight, top_k, renormalize, out_dtype, plan, None)
+    return weights, ids
+
+
+def fused_add_rmsnorm_router(
+    x: torch.Tensor,
+    norm: AddRMSNorm,
+    gate_weight: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    out_dtype: torch.dtype,
+    plan: FusedRouterPlan | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fused_add_rmsnorm(x, *norm)` and `fused_router` of its output in one launch (rows of at
+    most MAX_NORM_ROW elements) -> (weights, ids, normed [T, H], x + residual [T, H]). Every
+    program normalises the rows itself, so the sum goes to a new tensor, not into the residual
+    that the others still read."""
+    check_tensor("residual", norm.residual, 2, (x.dtype,), x.device)
+    check_shape("residual", norm.residual, tuple(x.shape))
+    check_tensor("norm weight", norm.weight, 1, (x.dtype,), x.device)
+    check_shape("norm weight", norm.weight, (x.shape[1],))
+    if x.shape[1] > MAX_NORM_ROW:
+        raise ValueError(f"rows of {x.shape[1]} elements: the norm takes at most {MAX_NORM_ROW}")
+    return _launch(x, gate_weight, top_k, renormalize, out_dtype, plan, norm)
+
+
+def _launch(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    out_dtype: torch.dtype,
+    plan: FusedRouterPlan | None,
+    norm: AddRMSNorm | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     check_tensor("x", x, 2, KERNEL_DTYPES)
     check_tensor("gate_weight", gate_weight, 2, (x.dtype,), x.device)
     t, h = x.shape
@@ -257,8 +355,11 @@ def fused_router(
         raise ValueError(f"fused_router takes at most {FUSED_MAX_TOKENS} tokens, got {t}")
     weights = torch.empty(t, top_k, dtype=out_dtype, device=x.device)
     ids = torch.empty(t, top_k, dtype=torch.int64, device=x.device)
+    normed = summed = None
+    if norm is not None:
+        normed, summed = (torch.empty(t, h, dtype=x.dtype, device=x.device) for _ in range(2))
     if t == 0:
-        return weights, ids
+        return weights, ids, normed, summed
     plan = plan or fused_router_plan(t, e, h)
     if min(plan) < 16 or plan.chunk % plan.block_h or any(v & (v - 1) for v in plan[::2]):
         raise ValueError(f"{plan}: want powers of two >= 16, chunk a multiple of block_h")
@@ -269,12 +370,17 @@ def fused_router(
     # splits summed a load: the [BLOCK_M, BLOCK_S, BLOCK_E] tile within 4096 values
     block_s = max(1, min(triton.next_power_of_2(n_split), 4096 // (block_m * block_e)))
     grid = (triton.cdiv(e, plan.block_n) * n_split,)
+    if norm is None:  # never read
+        norm_args = (x, x, x, x, 0.0, 0)
+    else:
+        norm_args = (norm.residual, norm.weight, normed, summed, norm.eps, norm.residual.stride(0))
     _fused_router_kernel[grid](
-        x, gate_weight, partials, _arrival_counter(x.device), weights, ids,
+        x, gate_weight, partials, _arrival_counter(x.device), weights, ids, *norm_args,
         t, e, h, x.stride(0), gate_weight.stride(0), plan.chunk, n_split,
         TOP_K=top_k, RENORM=renormalize, DOT_PRECISION=dot_precision(x.dtype),
-        BLOCK_T=max(16, triton.next_power_of_2(t)), BLOCK_N=plan.block_n, BLOCK_H=plan.block_h,
+        NORM=norm is not None, BLOCK_T=max(16, triton.next_power_of_2(t)), BLOCK_N=plan.block_n,
+        BLOCK_H=plan.block_h, BLOCK_HF=triton.next_power_of_2(h) if norm is not None else 16,
         BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
         BLOCK_S=block_s, num_warps=4, **pdl_launch(x.device),
     )  # fmt: skip
-    return weights, ids
+    return weights, ids, normed, summed

@@ -86,7 +86,20 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, batch))
 
 
-class LlamaMLP(nn.Module):
+class MLPBlock(nn.Module):
+    """The feed-forward half of a decoder layer, which calls `forward_after_norm`: the
+    post-attention residual add + RMSNorm, then the block. A block may fold the norm into its
+    first launch (the MoE router does at decode sizes)."""
+
+    def forward_after_norm(
+        self, hidden: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (block output, hidden + residual)."""
+        x, residual = norm(hidden, residual)
+        return self(x), residual
+
+
+class LlamaMLP(MLPBlock):
     def __init__(
         self,
         hidden: int,
@@ -130,8 +143,7 @@ class DecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, batch)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp.forward_after_norm(hidden, residual, self.post_attention_layernorm)
 
 
 class LlamaForCausalLM(nn.Module):

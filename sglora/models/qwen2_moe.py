@@ -8,7 +8,7 @@ from torch import nn
 from sglora.distributed.parallel_state import tp_all_reduce
 from sglora.layers.linear import ReplicatedLinear
 from sglora.models.llama import LlamaAttention, LlamaMLP
-from sglora.models.qwen3_moe import Qwen3MoeForCausalLM, SparseMoeBlock
+from sglora.models.qwen3_moe import Qwen3MoeForCausalLM, Routes, SparseMoeBlock
 
 
 class SharedExpertMoeBlock(SparseMoeBlock):
@@ -23,9 +23,9 @@ class SharedExpertMoeBlock(SparseMoeBlock):
         )
         self.shared_expert_gate = ReplicatedLinear(config.hidden_size, 1, bias=False, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routes: Routes | None = None) -> torch.Tensor:
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return tp_all_reduce(self.routed(x) + shared)  # one all-reduce for both partials
+        return tp_all_reduce(self.routed(x, routes) + shared)  # one all-reduce for both partials
 
 
 class Qwen2MoeForCausalLM(Qwen3MoeForCausalLM):

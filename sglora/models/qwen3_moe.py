@@ -7,18 +7,21 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from sglora.distributed.parallel_state import tp_all_reduce
+from sglora.layers.layernorm import RMSNorm
 from sglora.layers.linear import ReplicatedLinear
 from sglora.layers.moe.experts import FusedMoE
-from sglora.layers.moe.router import RoutingConfig, route
-from sglora.models.llama import LlamaMLP
+from sglora.layers.moe.router import RoutingConfig, norm_and_route, route
+from sglora.models.llama import LlamaMLP, MLPBlock
 from sglora.models.qwen3 import Qwen3ForCausalLM
+
+Routes = tuple[torch.Tensor, torch.Tensor]  # top-k (weights [T, k], expert ids [T, k])
 
 
 def num_experts_of(config: PretrainedConfig) -> int:
     return getattr(config, "num_experts", None) or config.num_local_experts
 
 
-class SparseMoeBlock(nn.Module):
+class SparseMoeBlock(MLPBlock):
     """y = Σ_{e ∈ topk} w_e · expert_e(x): router (`gate`), routed `experts`, one all-reduce."""
 
     def __init__(
@@ -34,13 +37,21 @@ class SparseMoeBlock(nn.Module):
         self.experts = FusedMoE(e, config.hidden_size, intermediate, config.hidden_act, dtype)
         self.routing = routing
 
-    def routed(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's partial sum of the routed experts, before the all-reduce."""
-        weights, ids = route(x, self.gate, self.routing)
+    def routed(self, x: torch.Tensor, routes: Routes | None = None) -> torch.Tensor:
+        """This rank's partial sum of the routed experts, before the all-reduce; `routes`
+        (weights, ids) when the router already ran."""
+        weights, ids = routes if routes is not None else route(x, self.gate, self.routing)
         return self.experts(x, weights, ids)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tp_all_reduce(self.routed(x))
+    def forward(self, x: torch.Tensor, routes: Routes | None = None) -> torch.Tensor:
+        return tp_all_reduce(self.routed(x, routes))
+
+    def forward_after_norm(
+        self, hidden: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The norm runs in the router's launch where the router is fused (norm_and_route)."""
+        x, residual, routes = norm_and_route(hidden, residual, norm, self.gate, self.routing)
+        return self(x, routes), residual
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):

@@ -30,8 +30,15 @@ from sglora.kernels.moe_align import moe_align
 from sglora.kernels.moe_lora import ExpertLoRA, moe_lora_forward
 from sglora.kernels.norm import fused_add_rmsnorm, rmsnorm
 from sglora.kernels.rotary import KVWrite, rotary_embedding
-from sglora.kernels.router import FUSED_MAX_TOKENS, fused_router, topk_softmax
+from sglora.kernels.router import (
+    FUSED_MAX_TOKENS,
+    AddRMSNorm,
+    fused_add_rmsnorm_router,
+    fused_router,
+    topk_softmax,
+)
 from sglora.layers.linear import SKINNY_MAX_TOKENS
+from sglora.layers.moe.router import FUSED_ROUTER_MAX_TOKENS
 from sglora.lora.backends.csgmv import build_segments
 from sglora.model_executor.cuda_graph_runner import decode_launches
 
@@ -137,6 +144,10 @@ def moe_layer(
     renorm = weights_dtype == FP32  # as Mixtral's routing: fp32 weights, renormalised
     if t <= FUSED_MAX_TOKENS:
         fused_router(x, empty(m.experts, m.hidden, dtype=dt), m.top_k, renorm, weights_dtype)
+    if t <= FUSED_ROUTER_MAX_TOKENS:  # what the decoder layer runs: the norm in the router
+        norm = AddRMSNorm(empty(t, m.hidden, dtype=dt), empty(m.hidden, dtype=dt), 1e-6)
+        gate = empty(m.experts, m.hidden, dtype=dt)
+        fused_add_rmsnorm_router(x, norm, gate, m.top_k, renorm, weights_dtype)
     else:
         topk_softmax(empty(t, m.experts, dtype=dt), m.top_k, renorm, weights_dtype)
     e, h, i = m.experts, m.hidden, m.moe_inter

@@ -5,8 +5,9 @@ experts and attention stay on their PyTorch paths; they have their own kernel te
 families cover every branch of the wiring: per-head q/k norm and renormalised routing
 (qwen3_moe), full-projection q/k norm on a row-strided q (olmoe), qkv bias and the dense MLP of
 the shared expert (qwen2_moe). The router runs both ways: GEMM + top-k in one launch for the
-small batches, and, where the fused-router threshold is lowered below the prefill's token count
-(olmoe), cuBLAS + top-k. Small prompts: the interpreter runs one Python loop per program."""
+small batches (the post-attention add + RMSNorm in the same launch), and, where the fused-router
+threshold is lowered below the prefill's token count (olmoe), cuBLAS + top-k. Small prompts:
+the interpreter runs one Python loop per program."""
 
 from __future__ import annotations
 
@@ -52,9 +53,10 @@ def count_calls(monkeypatch, module, name: str) -> list[int]:
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "qwen2_moe"])
 def test_kernel_path_matches_hf(family, tiny_path, force_triton, monkeypatch):
     path = tiny_path(family)
-    # the 45-token prefill takes the unfused router, the 2-token decode steps the fused one
+    # the 45-token prefill takes the unfused router, the 2-token decode steps the fused one,
+    # with the post-attention add + RMSNorm in its launch
     assert router_layer.FUSED_ROUTER_MAX_TOKENS < 45
-    fused = count_calls(monkeypatch, router_kernels, "fused_router")
+    fused = count_calls(monkeypatch, router_kernels, "fused_add_rmsnorm_router")
     unfused = count_calls(monkeypatch, router_kernels, "topk_softmax")
     # the server's skinny linear takes batch-1 decode steps; here the 2-token ones take it too
     monkeypatch.setattr(linear_layer, "SKINNY_MAX_TOKENS", 2)

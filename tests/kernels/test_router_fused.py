@@ -2,7 +2,10 @@
 replaces at decode sizes: the router linear in the activation dtype, then `topk_softmax_ref`.
 fp32/fp16 (bf16 on CUDA), T up to 64, E up to 128, k up to 8, renormalised or not, H split
 into one or several chunks; tied logits go to the lower expert id (as in `topk_softmax`); the
-arrival counter is zero again after each launch, so launches (and graph replays) repeat."""
+arrival counter is zero again after each launch, so launches (and graph replays) repeat. With
+the post-attention residual add + RMSNorm in the same launch (`fused_add_rmsnorm_router`), the
+sum equals the reference bit for bit, the normalised rows match it, and the routes are those of
+the reference router on them; the residual passed in is left as it was."""
 
 from __future__ import annotations
 
@@ -10,11 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sglora.kernels.reference import topk_softmax_ref
+from sglora.kernels.reference import fused_add_rmsnorm_ref, topk_softmax_ref
 from sglora.kernels.router import (
     FUSED_MAX_TOKENS,
+    MAX_NORM_ROW,
+    AddRMSNorm,
     FusedRouterPlan,
     _arrival_counter,
+    fused_add_rmsnorm_router,
     fused_router,
     fused_router_plan,
 )
@@ -108,3 +114,42 @@ def test_plan_and_bad_inputs():
     with pytest.raises(ValueError, match="powers of two"):
         fused_router(x, gate, 2, True, torch.float32, FusedRouterPlan(16, 48, 32))
     assert fused_router(x[:0], gate, 2, True, torch.float32)[1].shape == (0, 2)
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=str)
+@pytest.mark.parametrize("t", [1, 3, 17])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_rmsnorm_router_matches_norm_then_router(dtype, t, plan):
+    x = randn(t, H, dtype=dtype, seed=t, scale=2.0)
+    res = randn(t, H, dtype=dtype, seed=t + 1, scale=3.0)
+    norm_w = randn(H, dtype=dtype, seed=3)
+    gate = randn(60, H, dtype=dtype, seed=4, scale=0.2)
+    res_before = res.clone()
+    w, ids, normed, summed = fused_add_rmsnorm_router(
+        x, AddRMSNorm(res, norm_w, 1e-6), gate, 8, True, dtype, PLANS[plan]
+    )
+    want_res = res.clone()
+    want_normed = fused_add_rmsnorm_ref(x, want_res, norm_w, 1e-6)
+    torch.testing.assert_close(res, res_before, atol=0, rtol=0)
+    torch.testing.assert_close(summed, want_res, atol=0, rtol=0)
+    torch.testing.assert_close(
+        normed.double(), want_normed.double(), atol=TOL[dtype], rtol=TOL[dtype]
+    )
+    # routes: those of the reference router on the rows the kernel normalised
+    want_w, want_ids = unfused(normed, gate, 8, True, dtype)
+    check_routes(w, ids, want_w, want_ids, F.linear(normed, gate), dtype, dtype)
+    assert _arrival_counter(x.device).item() == 0
+
+
+def test_add_rmsnorm_router_bad_inputs():
+    x, gate = randn(2, 64, dtype=torch.float32, seed=0), randn(8, 64, dtype=torch.float32, seed=1)
+    res, w = randn(2, 64, dtype=torch.float32, seed=2), randn(64, dtype=torch.float32, seed=3)
+    with pytest.raises(ValueError, match="residual"):
+        fused_add_rmsnorm_router(x, AddRMSNorm(res[:1], w, 1e-6), gate, 2, True, torch.float32)
+    with pytest.raises(ValueError, match="norm weight"):
+        fused_add_rmsnorm_router(x, AddRMSNorm(res, w[:32], 1e-6), gate, 2, True, torch.float32)
+    wide = randn(1, MAX_NORM_ROW + 16, dtype=torch.float32, seed=4)
+    with pytest.raises(ValueError, match="at most"):
+        fused_add_rmsnorm_router(
+            wide, AddRMSNorm(wide, wide[0], 1e-6), wide[:, :].expand(2, -1), 1, True, torch.float32
+        )

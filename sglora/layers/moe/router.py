@@ -15,6 +15,7 @@ import torch
 
 from sglora.kernels import use_triton
 from sglora.kernels.reference import topk_softmax_ref
+from sglora.layers.layernorm import RMSNorm
 from sglora.layers.linear import LinearBase
 
 # Up to this many tokens `route` runs the fused router GEMM + top-k (one launch) instead of
@@ -47,15 +48,42 @@ def select_experts(
     return topk_softmax_ref(router_logits, cfg.top_k, cfg.renormalize, dtype)
 
 
+def _fusable(x: torch.Tensor, gate: LinearBase) -> bool:
+    """Whether the router GEMM runs inside the top-k launch: decode-sized batches on the GPU,
+    a gate with no bias and no LoRA hook."""
+    small = x.shape[0] <= FUSED_ROUTER_MAX_TOKENS
+    return small and gate.bias is None and gate.lora is None and use_triton(x)
+
+
 def route(
     x: torch.Tensor, gate: LinearBase, cfg: RoutingConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] -> `select_experts(gate(x), cfg)`; the router weight is replicated, so this is
     the same on every TP rank. A gate with a bias or a LoRA hook takes the unfused path."""
-    fusable = gate.bias is None and gate.lora is None and x.shape[0] <= FUSED_ROUTER_MAX_TOKENS
-    if fusable and use_triton(x):
+    if _fusable(x, gate):
         from sglora.kernels.router import fused_router
 
         dtype = cfg.weights_dtype(x.dtype)
         return fused_router(x, gate.weight, cfg.top_k, cfg.renormalize, dtype)
     return select_experts(gate(x), cfg)
+
+
+def norm_and_route(
+    x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, gate: LinearBase, cfg: RoutingConfig
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """`norm(x, residual)` then `route` of its output -> (normed, x + residual, (weights, ids)).
+    Where the router is fused, the add + RMSNorm runs in its launch too
+    (`kernels.router.fused_add_rmsnorm_router`: one launch and one dependent wait fewer), and
+    the sum is a new tensor rather than `residual` updated in place."""
+    if _fusable(x, gate):
+        from sglora.kernels.router import MAX_NORM_ROW, AddRMSNorm, fused_add_rmsnorm_router
+
+        if x.shape[1] <= MAX_NORM_ROW:
+            add_norm = AddRMSNorm(residual, norm.weight, norm.eps)
+            dtype = cfg.weights_dtype(x.dtype)
+            weights, ids, normed, summed = fused_add_rmsnorm_router(
+                x, add_norm, gate.weight, cfg.top_k, cfg.renormalize, dtype
+            )
+            return normed, summed, (weights, ids)
+    normed, residual = norm(x, residual)
+    return normed, residual, route(normed, gate, cfg)
