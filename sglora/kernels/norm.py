@@ -14,6 +14,8 @@ out [M, N] contiguous. One program normalises BLOCK_M rows; BLOCK_N >= N holds a
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -22,6 +24,50 @@ from sglora.kernels.moe_common import KERNEL_DTYPES, check_shape, check_tensor
 from sglora.kernels.pdl import pdl_launch, pdl_wait
 
 MAX_ROW = 65536  # elements a row may have: the kernel keeps a row in registers
+# Kernels that fold the residual add + RMSNorm into their own launch (router.py, gemv.py) sum a
+# row's squares in every program, in registers: rows of at most this many elements.
+MAX_FOLDED_ROW = 8192
+
+
+class AddRMSNorm(NamedTuple):
+    """A residual add + RMSNorm folded into the kernel that consumes its output (the fused
+    router, the skinny GEMM): x is that kernel's input before the norm."""
+
+    residual: torch.Tensor  # [T, N], x's dtype
+    weight: torch.Tensor  # [N]
+    eps: float
+
+
+def check_add_rmsnorm(x: torch.Tensor, norm: AddRMSNorm) -> None:
+    check_tensor("residual", norm.residual, 2, (x.dtype,), x.device)
+    check_shape("residual", norm.residual, tuple(x.shape))
+    check_tensor("norm weight", norm.weight, 1, (x.dtype,), x.device)
+    check_shape("norm weight", norm.weight, (x.shape[1],))
+    if x.shape[1] > MAX_FOLDED_ROW:
+        raise ValueError(
+            f"rows of {x.shape[1]} elements: a folded norm takes at most {MAX_FOLDED_ROW}"
+        )
+
+
+@triton.jit
+def add_rms_inv(x_ptr, r_ptr, row, N, stride_x, stride_r, eps, BLOCK: tl.constexpr):
+    """float32 rsqrt(mean(s²) + eps) of the row s = ⌊x + r⌋ of N ≤ BLOCK elements."""
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+    h = (x + r).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+
+
+@triton.jit
+def add_rmsnorm_values(x, r, w, inv):
+    """(s, y) of loaded values: s = ⌊x + r⌋, y = ⌊w · ⌊s · inv⌋⌋ in x's dtype, `inv` the row's
+    factor from add_rms_inv (broadcast to x's shape): the roundings of _rmsnorm_kernel."""
+    dt = x.dtype
+    s = (x.to(tl.float32) + r.to(tl.float32)).to(dt)
+    hn = (s.to(tl.float32) * inv).to(dt).to(tl.float32)
+    return s, (hn * w.to(tl.float32)).to(dt)
 
 
 @triton.jit

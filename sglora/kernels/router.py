@@ -30,7 +30,7 @@ be co-resident.
 `fused_add_rmsnorm_router` puts the decoder layer's post-attention residual add + RMSNorm in
 front of it, in the same launch: x is then the attention output, with a residual [T, H] and the
 norm weight [H]. Every program sums the squares of each whole row s = ⌊x + r⌋ itself (a row of
-≤ MAX_NORM_ROW values in registers) and normalises the x tiles it multiplies; program 0 also
+≤ norm.MAX_FOLDED_ROW values in registers) and normalises the x tiles it multiplies; program 0 also
 stores s and the normalised rows (new [T, H] tensors) for the experts and the next layer. At
 decode sizes that saves the norm's launch, its dependent wait and one L2 round trip.
 """
@@ -44,12 +44,12 @@ import triton
 import triton.language as tl
 
 from sglora.kernels.moe_common import KERNEL_DTYPES, check_shape, check_tensor, dot_precision
+from sglora.kernels.norm import AddRMSNorm, add_rms_inv, add_rmsnorm_values, check_add_rmsnorm
 from sglora.kernels.pdl import pdl_launch, pdl_wait
 
 MAX_EXPERTS = 1024  # a row of router logits stays in registers
 MAX_TOP_K = 64
 FUSED_MAX_TOKENS = 64  # every program holds its [T, BLOCK_N] logits tile in registers
-MAX_NORM_ROW = 8192  # fused_add_rmsnorm_router: each program sums a row's squares in registers
 # Heuristic split of the fused router's work, to be tuned on an H200 with
 # scripts/bench_fused_ops.py (router_fused rows) like the MoE configs.
 FUSED_PROGRAMS = 128  # ~one program per SM (132 on H100/H200)
@@ -149,33 +149,14 @@ def topk_softmax(
 
 
 @triton.jit
-def _rms_inv(x_ptr, r_ptr, M, H, stride_x, stride_r, eps,
-             BLOCK_T: tl.constexpr, BLOCK_HF: tl.constexpr):  # fmt: skip
-    """[BLOCK_T] float32 rsqrt(mean(s²) + eps) of each row s = ⌊x + r⌋ (norm.py's roundings)."""
-    tt = tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_HF)
-    c_ok = cols < H
-    inv = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for row in range(M):
-        x = tl.load(x_ptr + row * stride_x + cols, mask=c_ok, other=0.0).to(tl.float32)
-        r = tl.load(r_ptr + row * stride_r + cols, mask=c_ok, other=0.0).to(tl.float32)
-        h = (x + r).to(x_ptr.dtype.element_ty).to(tl.float32)
-        inv = tl.where(tt == row, tl.rsqrt(tl.sum(h * h, axis=0) / H + eps), inv)
-    return inv
-
-
-@triton.jit
 def _add_rmsnorm_tile(x_ptr, r_ptr, nw_ptr, t, t_ok, k, k_ok, inv, stride_x, stride_r):
     """(s, y) on the rows t and columns k: s = ⌊x + r⌋ and y = RMSNorm(s) as norm.py rounds it,
-    with each row's rsqrt factor in inv."""
+    with each row's rsqrt factor in inv [BLOCK_T]."""
     mask = t_ok[:, None] & k_ok[None, :]
-    dt = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + t[:, None] * stride_x + k[None, :], mask=mask, other=0.0)
     r = tl.load(r_ptr + t[:, None] * stride_r + k[None, :], mask=mask, other=0.0)
-    s = (x.to(tl.float32) + r.to(tl.float32)).to(dt)
-    nw = tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-    hn = (s.to(tl.float32) * inv[:, None]).to(dt).to(tl.float32)
-    return s, (hn * nw[None, :]).to(dt)
+    nw = tl.load(nw_ptr + k, mask=k_ok, other=0.0)
+    return add_rmsnorm_values(x, r, nw[None, :], inv[:, None])
 
 
 @triton.jit
@@ -202,7 +183,10 @@ def _fused_router_kernel(
     g = tl.load(g_rows + k[None, :], mask=n_ok[:, None] & (k < H)[None, :], other=0.0)
     pdl_wait(USE_PDL)
     if NORM:  # every program normalises the rows it reads; the first also stores them
-        inv = _rms_inv(x_ptr, r_ptr, M, H, stride_x, stride_r, eps, BLOCK_T, BLOCK_HF)
+        inv = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for row in range(M):
+            v = add_rms_inv(x_ptr, r_ptr, row, H, stride_x, stride_r, eps, BLOCK_HF)
+            inv = tl.where(t == row, v, inv)
         if pid == 0:
             for k0 in range(0, H, BLOCK_H):
                 k = k0 + tl.arange(0, BLOCK_H)
@@ -291,15 +275,6 @@ def _arrival_counter(device: torch.device) -> torch.Tensor:
     return c
 
 
-class AddRMSNorm(NamedTuple):
-    """The residual add + RMSNorm in front of the router (norm.py's `fused_add_rmsnorm`, whose
-    input x is then the router's)."""
-
-    residual: torch.Tensor  # [T, H], x's dtype
-    weight: torch.Tensor  # [H]
-    eps: float
-
-
 def fused_router(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
@@ -324,15 +299,10 @@ def fused_add_rmsnorm_router(
     plan: FusedRouterPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`fused_add_rmsnorm(x, *norm)` and `fused_router` of its output in one launch (rows of at
-    most MAX_NORM_ROW elements) -> (weights, ids, normed [T, H], x + residual [T, H]). Every
+    most norm.MAX_FOLDED_ROW elements) -> (weights, ids, normed [T, H], x + residual [T, H]). Every
     program normalises the rows itself, so the sum goes to a new tensor, not into the residual
     that the others still read."""
-    check_tensor("residual", norm.residual, 2, (x.dtype,), x.device)
-    check_shape("residual", norm.residual, tuple(x.shape))
-    check_tensor("norm weight", norm.weight, 1, (x.dtype,), x.device)
-    check_shape("norm weight", norm.weight, (x.shape[1],))
-    if x.shape[1] > MAX_NORM_ROW:
-        raise ValueError(f"rows of {x.shape[1]} elements: the norm takes at most {MAX_NORM_ROW}")
+    check_add_rmsnorm(x, norm)
     return _launch(x, gate_weight, top_k, renormalize, out_dtype, plan, norm)
 
 

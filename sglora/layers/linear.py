@@ -44,17 +44,17 @@ def copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
 SKINNY_MAX_TOKENS = 1
 
 
+def skinny(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x Wᵀ runs the skinny-GEMM kernel: decode-sized x on the GPU, in the layouts the
+    kernel takes (a last dim with a stride stays on F.linear)."""
+    small = x.dim() == 2 and x.shape[0] <= SKINNY_MAX_TOKENS
+    return small and use_triton(x) and x.stride(-1) == 1 and w.stride(-1) == 1
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; on the GPU, decode-sized batches go through the skinny-GEMM kernel, which reads
-    its weights before waiting for the previous kernel (kernels/gemv.py says why). Inputs the
-    kernel does not take (a last dim with a stride) stay on F.linear."""
-    if (
-        use_triton(x)
-        and x.dim() == 2
-        and x.shape[0] <= SKINNY_MAX_TOKENS
-        and x.stride(-1) == 1
-        and w.stride(-1) == 1
-    ):
+    its weights before waiting for the previous kernel (kernels/gemv.py says why)."""
+    if skinny(x, w):
         from sglora.kernels.gemv import gemv
 
         return gemv(x, w, b)
@@ -153,6 +153,30 @@ class ColumnParallelLinear(LinearBase):
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         n = param.shape[0]
         copy_checked(param, narrow(loaded, 0, self.tp_rank * n, n), type(self).__name__)
+
+    def forward_after_norm(
+        self, hidden: torch.Tensor, residual: torch.Tensor, norm: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`self(norm(hidden, residual))` for a `layers.layernorm.RMSNorm` -> (y, normed,
+        hidden + residual). Where `linear` runs the skinny GEMM, the add + RMSNorm runs in its
+        launch (kernels/gemv.add_rmsnorm_gemv: one launch and one dependent wait fewer), and
+        the sum is a new tensor rather than `residual` updated in place."""
+        ext = self.shrink_in_gemm(hidden)
+        w, b = (self.weight_ext, self.bias_ext) if ext else (self.weight, self.bias)
+        if skinny(hidden, w) and residual.stride(-1) == 1:
+            from sglora.kernels.gemv import add_rmsnorm_gemv
+            from sglora.kernels.norm import MAX_FOLDED_ROW, AddRMSNorm
+
+            if hidden.shape[1] <= MAX_FOLDED_ROW:
+                add_norm = AddRMSNorm(residual, norm.weight, norm.eps)
+                full, normed, summed = add_rmsnorm_gemv(hidden, add_norm, w, b)
+                if ext:
+                    return self.split_and_expand(full), normed, summed
+                if self.lora is not None:
+                    self.lora(normed, full)
+                return full, normed, summed
+        normed, residual = norm(hidden, residual)
+        return self(normed), normed, residual
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):

@@ -13,11 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sglora.kernels.norm import MAX_FOLDED_ROW, AddRMSNorm
 from sglora.kernels.reference import fused_add_rmsnorm_ref, topk_softmax_ref
 from sglora.kernels.router import (
     FUSED_MAX_TOKENS,
-    MAX_NORM_ROW,
-    AddRMSNorm,
     FusedRouterPlan,
     _arrival_counter,
     fused_add_rmsnorm_router,
@@ -148,7 +147,7 @@ def test_add_rmsnorm_router_bad_inputs():
         fused_add_rmsnorm_router(x, AddRMSNorm(res[:1], w, 1e-6), gate, 2, True, torch.float32)
     with pytest.raises(ValueError, match="norm weight"):
         fused_add_rmsnorm_router(x, AddRMSNorm(res, w[:32], 1e-6), gate, 2, True, torch.float32)
-    wide = randn(1, MAX_NORM_ROW + 16, dtype=torch.float32, seed=4)
+    wide = randn(1, MAX_FOLDED_ROW + 16, dtype=torch.float32, seed=4)
     with pytest.raises(ValueError, match="at most"):
         fused_add_rmsnorm_router(
             wide, AddRMSNorm(wide, wide[0], 1e-6), wide[:, :].expand(2, -1), 1, True, torch.float32

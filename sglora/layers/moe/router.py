@@ -76,9 +76,10 @@ def norm_and_route(
     (`kernels.router.fused_add_rmsnorm_router`: one launch and one dependent wait fewer), and
     the sum is a new tensor rather than `residual` updated in place."""
     if _fusable(x, gate):
-        from sglora.kernels.router import MAX_NORM_ROW, AddRMSNorm, fused_add_rmsnorm_router
+        from sglora.kernels.norm import MAX_FOLDED_ROW, AddRMSNorm
+        from sglora.kernels.router import fused_add_rmsnorm_router
 
-        if x.shape[1] <= MAX_NORM_ROW:
+        if x.shape[1] <= MAX_FOLDED_ROW:
             add_norm = AddRMSNorm(residual, norm.weight, norm.eps)
             dtype = cfg.weights_dtype(x.dtype)
             weights, ids, normed, summed = fused_add_rmsnorm_router(
