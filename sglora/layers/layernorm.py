@@ -3,6 +3,8 @@ Triton kernel on CUDA (`kernels/norm.py`), its PyTorch twin elsewhere."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -33,6 +35,15 @@ class RMSNorm(nn.Module):
         if residual is None:
             return rmsnorm_ref(x, self.weight, self.eps)
         return fused_add_rmsnorm_ref(x, residual, self.weight, self.eps), residual
+
+    def folded(self, x: torch.Tensor, residual: torch.Tensor) -> Any:
+        """`self(x, residual)` as the GPU kernel that consumes its output can fold it in (a
+        `kernels.norm.AddRMSNorm`), or None where it cannot (rows too long, strided rows)."""
+        from sglora.kernels.norm import MAX_FOLDED_ROW, AddRMSNorm
+
+        if x.shape[-1] > MAX_FOLDED_ROW or residual.stride(-1) != 1:
+            return None
+        return AddRMSNorm(residual, self.weight, self.eps)
 
 
 class ShardedRMSNorm(nn.Module):

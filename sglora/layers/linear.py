@@ -163,18 +163,15 @@ class ColumnParallelLinear(LinearBase):
         the sum is a new tensor rather than `residual` updated in place."""
         ext = self.shrink_in_gemm(hidden)
         w, b = (self.weight_ext, self.bias_ext) if ext else (self.weight, self.bias)
-        if skinny(hidden, w) and residual.stride(-1) == 1:
+        if skinny(hidden, w) and (add_norm := norm.folded(hidden, residual)) is not None:
             from sglora.kernels.gemv import add_rmsnorm_gemv
-            from sglora.kernels.norm import MAX_FOLDED_ROW, AddRMSNorm
 
-            if hidden.shape[1] <= MAX_FOLDED_ROW:
-                add_norm = AddRMSNorm(residual, norm.weight, norm.eps)
-                full, normed, summed = add_rmsnorm_gemv(hidden, add_norm, w, b)
-                if ext:
-                    return self.split_and_expand(full), normed, summed
-                if self.lora is not None:
-                    self.lora(normed, full)
-                return full, normed, summed
+            full, normed, summed = add_rmsnorm_gemv(hidden, add_norm, w, b)
+            if ext:
+                return self.split_and_expand(full), normed, summed
+            if self.lora is not None:
+                self.lora(normed, full)
+            return full, normed, summed
         normed, residual = norm(hidden, residual)
         return self(normed), normed, residual
 

@@ -75,16 +75,13 @@ def norm_and_route(
     Where the router is fused, the add + RMSNorm runs in its launch too
     (`kernels.router.fused_add_rmsnorm_router`: one launch and one dependent wait fewer), and
     the sum is a new tensor rather than `residual` updated in place."""
-    if _fusable(x, gate):
-        from sglora.kernels.norm import MAX_FOLDED_ROW, AddRMSNorm
+    if _fusable(x, gate) and (add_norm := norm.folded(x, residual)) is not None:
         from sglora.kernels.router import fused_add_rmsnorm_router
 
-        if x.shape[1] <= MAX_FOLDED_ROW:
-            add_norm = AddRMSNorm(residual, norm.weight, norm.eps)
-            dtype = cfg.weights_dtype(x.dtype)
-            weights, ids, normed, summed = fused_add_rmsnorm_router(
-                x, add_norm, gate.weight, cfg.top_k, cfg.renormalize, dtype
-            )
-            return normed, summed, (weights, ids)
+        dtype = cfg.weights_dtype(x.dtype)
+        weights, ids, normed, summed = fused_add_rmsnorm_router(
+            x, add_norm, gate.weight, cfg.top_k, cfg.renormalize, dtype
+        )
+        return normed, summed, (weights, ids)
     normed, residual = norm(x, residual)
     return normed, residual, route(normed, gate, cfg)
