@@ -17,6 +17,12 @@ contiguous. Program p owns rows p·BLOCK_N .. of W and walks K in BLOCK_K tiles;
 are read from L2 tile by tile (T is a constexpr: one compiled variant per batch size). Beyond
 one row cuBLAS is faster (1.0x its time at two rows, 1.4x at four): each row of x costs every
 program a pass over its registers and a reduction.
+
+`add_rmsnorm_gemv` folds the residual add + RMSNorm before the projection into the same launch
+(the decoder layer's input norm before qkv_proj): x is then the un-normalised input, with a
+residual [T, K] and the norm weight [K] (norm.AddRMSNorm). Every program sums the squares of
+each whole row s = ⌊x + r⌋ itself (it reads all of x anyway) and normalises the x values it
+multiplies; program 0 also stores s and the normalised rows as new [T, K] tensors.
 """
 
 from __future__ import annotations
