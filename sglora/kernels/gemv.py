@@ -34,7 +34,6 @@ import triton.language as tl
 from sglora.kernels.moe_common import KERNEL_DTYPES, check_shape, check_tensor
 from sglora.kernels.norm import AddRMSNorm, add_rms_inv, add_rmsnorm_values, check_add_rmsnorm
 from sglora.kernels.pdl import pdl_launch, pdl_wait
-from sglora.kernels.reference import rmsnorm_ref
 
 MAX_TOKENS = 8  # rows of x a launch takes (layers/linear.py decides where it pays)
 # Elements of W a program holds per K tile, its warps, and the sub-row width. On an H200 at
@@ -128,7 +127,7 @@ def gemv_blocks(n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, SUBK): a tile of TILE_ELEMENTS, as wide in K as it can be (up to all
     of K), in sub-rows of SUBK = 256 columns (32 threads x 8 elements: 16-byte loads)."""
     block_k = min(triton.next_power_of_2(k), TILE_ELEMENTS)
-    block_n = min(TILE_ELEMENTS // block_k, triton.next_power_of_2(n))
+    block_n = min(TILE_ELEMENTS // block_k, triton.next_power_of_2(max(n, 1)))
     return block_n, block_k, min(block_k, SUBK)
 
 
@@ -145,8 +144,7 @@ def add_rmsnorm_gemv(
     normalises the rows itself, so the sum goes to a new tensor, not into the residual that the
     others still read; program 0 stores both."""
     check_add_rmsnorm(x, norm)
-    y, normed, summed = _launch(x, w, bias, norm)
-    return y, normed, summed
+    return _launch(x, w, bias, norm)
 
 
 def _launch(
@@ -166,10 +164,7 @@ def _launch(
     normed = summed = None
     if norm is not None:
         normed, summed = (torch.empty(t, k, dtype=x.dtype, device=x.device) for _ in range(2))
-        if t and k and n == 0:  # no program runs: compute the norm here
-            summed.copy_(x + norm.residual)
-            normed.copy_(rmsnorm_ref(summed, norm.weight, norm.eps))
-    if t == 0 or n == 0:
+    if t == 0 or (n == 0 and norm is None):
         return y, normed, summed
     if k == 0:
         return (y.copy_(bias.expand(t, n)) if bias is not None else y.zero_()), normed, summed
@@ -178,7 +173,8 @@ def _launch(
         norm_args = (x, x, x, x, 0.0, 0)
     else:
         norm_args = (norm.residual, norm.weight, normed, summed, norm.eps, norm.residual.stride(0))
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    # with no rows of W, one program still runs: program 0 stores the norm's outputs
+    _gemv_kernel[(max(1, triton.cdiv(n, block_n)),)](
         x, w, w if bias is None else bias, y, n, k, x.stride(0), w.stride(0), *norm_args,
         T=t, T_PAD=triton.next_power_of_2(t), HAS_BIAS=bias is not None, NORM=norm is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, SUBK=subk,
