@@ -18,6 +18,7 @@ from sglora.kernels.gemv import MAX_TOKENS, add_rmsnorm_gemv, gemv
 from sglora.kernels.norm import AddRMSNorm
 from sglora.kernels.reference import fused_add_rmsnorm_ref, gemv_ref
 from tests.kernels.layer_ops_common import DTYPES, close, randn
+from tests.kernels.test_layers_use_kernels import count_calls
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -119,6 +120,17 @@ def test_add_rmsnorm_gemv_matches_norm_then_linear(t, k, tile, dtype, monkeypatc
     close(y, gemv_ref(normed, w, b), dtype)
 
 
+def test_add_rmsnorm_gemv_with_no_rows_of_w_still_normalises():
+    x, res = randn(2, 64, dtype=torch.float32, seed=0), randn(2, 64, dtype=torch.float32, seed=1)
+    nw = randn(64, dtype=torch.float32, seed=2)
+    y, normed, summed = add_rmsnorm_gemv(x, AddRMSNorm(res, nw, 1e-6), x.new_empty(0, 64))
+    want_res = res.clone()
+    want_normed = fused_add_rmsnorm_ref(x, want_res, nw, 1e-6)
+    assert y.shape == (2, 0)
+    torch.testing.assert_close(summed, want_res, atol=0, rtol=0)
+    close(normed, want_normed, torch.float32)
+
+
 def test_add_rmsnorm_gemv_bad_inputs():
     x, w = randn(2, 64, dtype=torch.float32, seed=0), randn(8, 64, dtype=torch.float32, seed=1)
     res, nw = randn(2, 64, dtype=torch.float32, seed=2), randn(64, dtype=torch.float32, seed=3)
@@ -163,17 +175,11 @@ def test_forward_after_norm_folds_the_norm_into_the_skinny_gemm(lora, monkeypatc
     norm.weight.data.copy_(randn(48, dtype=torch.float32, seed=4))
     hidden = randn(1, 48, dtype=torch.float32, seed=5)
     res = randn(1, 48, dtype=torch.float32, seed=6)
-    calls = count_calls_of(monkeypatch, gemv_mod, "add_rmsnorm_gemv")
+    calls = count_calls(monkeypatch, gemv_mod, "add_rmsnorm_gemv")
     want = layer.forward_after_norm(hidden, res.clone(), norm)  # CPU: norm, then F.linear
-    assert calls == []
+    assert calls == [0]
     monkeypatch.setattr(sglora.kernels, "FORCE_TRITON", True)
     got = layer.forward_after_norm(hidden, res.clone(), norm)
-    assert len(calls) == 1
+    assert calls == [1]
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-
-
-def count_calls_of(monkeypatch, module, name: str) -> list:
-    calls, fn = [], getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a: calls.append(a) or fn(*a))
-    return calls
