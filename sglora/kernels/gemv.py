@@ -17,12 +17,6 @@ contiguous. Program p owns rows p·BLOCK_N .. of W and walks K in BLOCK_K tiles;
 are read from L2 tile by tile (T is a constexpr: one compiled variant per batch size). Beyond
 one row cuBLAS is faster (1.0x its time at two rows, 1.4x at four): each row of x costs every
 program a pass over its registers and a reduction.
-
-`add_rmsnorm_gemv` folds the residual add + RMSNorm before the projection into the same launch
-(the decoder layer's input norm before qkv_proj): x is then the un-normalised input, with a
-residual [T, K] and the norm weight [K] (norm.AddRMSNorm). Every program sums the squares of
-each whole row s = ⌊x + r⌋ itself (it reads all of x anyway) and normalises the x values it
-multiplies; program 0 also stores s and the normalised rows as new [T, K] tensors.
 """
 
 from __future__ import annotations
@@ -32,7 +26,6 @@ import triton
 import triton.language as tl
 
 from sglora.kernels.moe_common import KERNEL_DTYPES, check_shape, check_tensor
-from sglora.kernels.norm import AddRMSNorm, add_rms_inv, add_rmsnorm_values, check_add_rmsnorm
 from sglora.kernels.pdl import pdl_launch, pdl_wait
 
 MAX_TOKENS = 8  # rows of x a launch takes (layers/linear.py decides where it pays)
@@ -46,22 +39,13 @@ SUBK = 256
 
 
 @triton.jit
-def _gemv_tile(
-    acc, w, x_ptr, stride_x, kx, k_ok, r_ptr, stride_r, nw_ptr, inv,
-    T: tl.constexpr, T_PAD: tl.constexpr, NORM: tl.constexpr,
-):  # fmt: skip
-    """acc [T_PAD, ROWS] += per sub-row, Σ over its SUBK columns kx of x[t, kx]·w (masked);
-    with NORM, x is first ⌊x + r⌋ normalised (each row's factor in inv [T_PAD])."""
+def _gemv_tile(acc, w, x_ptr, stride_x, kx, k_ok, T: tl.constexpr, T_PAD: tl.constexpr):
+    """acc [T_PAD, ROWS] += per sub-row, Σ over its SUBK columns kx of x[t, kx]·w (masked)."""
     tt = tl.arange(0, T_PAD)
     wf = w.to(tl.float32)
     for t in tl.static_range(T):
-        xt = tl.load(x_ptr + t * stride_x + kx, mask=k_ok, other=0.0)
-        if NORM:
-            rt = tl.load(r_ptr + t * stride_r + kx, mask=k_ok, other=0.0)
-            nw = tl.load(nw_ptr + kx, mask=k_ok, other=0.0)
-            inv_t = tl.sum(tl.where(tt == t, inv, 0.0), axis=0)
-            _, xt = add_rmsnorm_values(xt, rt, nw, inv_t)
-        s = tl.sum(wf * xt.to(tl.float32), axis=1)  # [ROWS]: within a warp, no shared memory
+        xt = tl.load(x_ptr + t * stride_x + kx, mask=k_ok, other=0.0).to(tl.float32)
+        s = tl.sum(wf * xt, axis=1)  # [ROWS]: within a warp, no shared memory
         acc = tl.where(tt[:, None] == t, acc + s[None, :], acc)
     return acc
 
@@ -69,10 +53,8 @@ def _gemv_tile(
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_w,
-    r_ptr, nw_ptr, xo_ptr, ro_ptr, eps, stride_r,
-    T: tl.constexpr, T_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUBK: tl.constexpr, BLOCK_KF: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    T: tl.constexpr, T_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUBK: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # The [BLOCK_N, BLOCK_K] tile of W is held as S = BLOCK_K / SUBK sub-rows a row, [ROWS, SUBK]
     # with SUBK one warp's width of vector loads, so a warp's threads share a sub-row: each row
@@ -91,34 +73,16 @@ def _gemv_kernel(
     if HAS_BIAS:
         b = tl.load(b_ptr + nb, mask=nb < N, other=0.0).to(tl.float32)
     pdl_wait(USE_PDL)
-    tt = tl.arange(0, T_PAD)
-    inv = tl.zeros((T_PAD,), dtype=tl.float32)
-    if NORM:  # every program normalises the rows of x itself; the first also stores them
-        for t in tl.static_range(T):
-            v = add_rms_inv(x_ptr, r_ptr, t, K, stride_x, stride_r, eps, BLOCK_KF)
-            inv = tl.where(tt == t, v, inv)
-        if tl.program_id(0) == 0:
-            cols = tl.arange(0, BLOCK_KF)
-            c_ok = cols < K
-            nw = tl.load(nw_ptr + cols, mask=c_ok, other=0.0)
-            for t in tl.static_range(T):
-                xv = tl.load(x_ptr + t * stride_x + cols, mask=c_ok, other=0.0)
-                rv = tl.load(r_ptr + t * stride_r + cols, mask=c_ok, other=0.0)
-                inv_t = tl.sum(tl.where(tt == t, inv, 0.0), axis=0)
-                sv, yv = add_rmsnorm_values(xv, rv, nw, inv_t)
-                tl.store(ro_ptr + t * K + cols, sv, mask=c_ok)
-                tl.store(xo_ptr + t * K + cols, yv, mask=c_ok)
     acc = tl.zeros((T_PAD, ROWS), dtype=tl.float32)
-    acc = _gemv_tile(acc, w, x_ptr, stride_x, kx, k_ok, r_ptr, stride_r, nw_ptr, inv, T, T_PAD,
-                     NORM)  # fmt: skip
+    acc = _gemv_tile(acc, w, x_ptr, stride_x, kx, k_ok, T, T_PAD)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k_ok = n_ok[:, None] & (kx + k0 < K)
         w = tl.load(w_rows + kx + k0, mask=k_ok, other=0.0)
-        acc = _gemv_tile(acc, w, x_ptr, stride_x, kx + k0, k_ok, r_ptr, stride_r, nw_ptr, inv,
-                         T, T_PAD, NORM)  # fmt: skip
+        acc = _gemv_tile(acc, w, x_ptr, stride_x, kx + k0, k_ok, T, T_PAD)
     y = tl.sum(tl.reshape(acc, (T_PAD, BLOCK_N, S)), axis=2)  # [T_PAD, BLOCK_N]
     if HAS_BIAS:
         y += b[None, :]
+    tt = tl.arange(0, T_PAD)
     mask = (tt < T)[:, None] & (nb < N)[None, :]
     tl.store(y_ptr + tt[:, None] * N + nb[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -127,29 +91,12 @@ def gemv_blocks(n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, SUBK): a tile of TILE_ELEMENTS, as wide in K as it can be (up to all
     of K), in sub-rows of SUBK = 256 columns (32 threads x 8 elements: 16-byte loads)."""
     block_k = min(triton.next_power_of_2(k), TILE_ELEMENTS)
-    block_n = min(TILE_ELEMENTS // block_k, triton.next_power_of_2(max(n, 1)))
+    block_n = min(TILE_ELEMENTS // block_k, triton.next_power_of_2(n))
     return block_n, block_k, min(block_k, SUBK)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] (T ≤ MAX_TOKENS) times W [N, K]ᵀ (+ bias [N]) -> y [T, N] in x's dtype."""
-    return _launch(x, w, bias, None)[0]
-
-
-def add_rmsnorm_gemv(
-    x: torch.Tensor, norm: AddRMSNorm, w: torch.Tensor, bias: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`fused_add_rmsnorm(x, *norm)` and `gemv` of its output in one launch (rows of at most
-    norm.MAX_FOLDED_ROW elements) -> (y, normed [T, K], x + residual [T, K]). Every program
-    normalises the rows itself, so the sum goes to a new tensor, not into the residual that the
-    others still read; program 0 stores both."""
-    check_add_rmsnorm(x, norm)
-    return _launch(x, w, bias, norm)
-
-
-def _launch(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, norm: AddRMSNorm | None
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     check_tensor("x", x, 2, KERNEL_DTYPES)
     check_tensor("weight", w, 2, (x.dtype,), x.device)
     t, k = x.shape
@@ -161,24 +108,15 @@ def _launch(
         check_tensor("bias", bias, 1, (x.dtype,), x.device)
         check_shape("bias", bias, (n,))
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    normed = summed = None
-    if norm is not None:
-        normed, summed = (torch.empty(t, k, dtype=x.dtype, device=x.device) for _ in range(2))
-    if t == 0 or (n == 0 and norm is None):
-        return y, normed, summed
+    if t == 0 or n == 0:
+        return y
     if k == 0:
-        return (y.copy_(bias.expand(t, n)) if bias is not None else y.zero_()), normed, summed
+        return y.copy_(bias.expand(t, n)) if bias is not None else y.zero_()
     block_n, block_k, subk = gemv_blocks(n, k)
-    if norm is None:  # never read
-        norm_args = (x, x, x, x, 0.0, 0)
-    else:
-        norm_args = (norm.residual, norm.weight, normed, summed, norm.eps, norm.residual.stride(0))
-    # with no rows of W, one program still runs: program 0 stores the norm's outputs
-    _gemv_kernel[(max(1, triton.cdiv(n, block_n)),)](
-        x, w, w if bias is None else bias, y, n, k, x.stride(0), w.stride(0), *norm_args,
-        T=t, T_PAD=triton.next_power_of_2(t), HAS_BIAS=bias is not None, NORM=norm is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, SUBK=subk,
-        BLOCK_KF=triton.next_power_of_2(k) if norm is not None else 16, num_warps=NUM_WARPS,
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, w, w if bias is None else bias, y, n, k, x.stride(0), w.stride(0),
+        T=t, T_PAD=triton.next_power_of_2(t), HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, SUBK=subk, num_warps=NUM_WARPS,
         **pdl_launch(x.device),
     )  # fmt: skip
-    return y, normed, summed
+    return y

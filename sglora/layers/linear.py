@@ -154,27 +154,6 @@ class ColumnParallelLinear(LinearBase):
         n = param.shape[0]
         copy_checked(param, narrow(loaded, 0, self.tp_rank * n, n), type(self).__name__)
 
-    def forward_after_norm(
-        self, hidden: torch.Tensor, residual: torch.Tensor, norm: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`self(norm(hidden, residual))` for a `layers.layernorm.RMSNorm` -> (y, normed,
-        hidden + residual). Where `linear` runs the skinny GEMM, the add + RMSNorm runs in its
-        launch (kernels/gemv.add_rmsnorm_gemv: one launch and one dependent wait fewer), and
-        the sum is a new tensor rather than `residual` updated in place."""
-        ext = self.shrink_in_gemm(hidden)
-        w, b = (self.weight_ext, self.bias_ext) if ext else (self.weight, self.bias)
-        if skinny(hidden, w) and (add_norm := norm.folded(hidden, residual)) is not None:
-            from sglora.kernels.gemv import add_rmsnorm_gemv
-
-            full, normed, summed = add_rmsnorm_gemv(hidden, add_norm, w, b)
-            if ext:
-                return self.split_and_expand(full), normed, summed
-            if self.lora is not None:
-                self.lora(normed, full)
-            return full, normed, summed
-        normed, residual = norm(hidden, residual)
-        return self(normed), normed, residual
-
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input in one matmul (gate_up: [gate; up]).

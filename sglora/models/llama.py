@@ -73,26 +73,7 @@ class LlamaAttention(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
-        return self.attend(positions, self.qkv_proj(hidden), batch)
-
-    def forward_after_norm(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        residual: torch.Tensor,
-        norm: RMSNorm,
-        batch: ForwardBatch,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`self(positions, norm(hidden, residual), batch)` -> (output, hidden + residual); at
-        one token on the GPU the norm runs in qkv_proj's launch."""
-        qkv, _, residual = self.qkv_proj.forward_after_norm(hidden, residual, norm)
-        return self.attend(positions, qkv, batch), residual
-
-    def attend(
-        self, positions: torch.Tensor, qkv: torch.Tensor, batch: ForwardBatch
-    ) -> torch.Tensor:
-        """qkv [T, q+2kv] -> o_proj of the attention output."""
-        q, k, v = self.qkv_proj.split(qkv)  # views of one [T, q+2kv]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))  # views of one [T, q+2kv]
         head_norm = None
         if self.qk_norm == "head":  # applied by the rotary, in its kernel on CUDA
             head_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
@@ -159,11 +140,9 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
-            hidden = self.self_attn(positions, hidden, batch)
         else:
-            hidden, residual = self.self_attn.forward_after_norm(
-                positions, hidden, residual, self.input_layernorm, batch
-            )
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, batch)
         return self.mlp.forward_after_norm(hidden, residual, self.post_attention_layernorm)
 
 

@@ -25,7 +25,7 @@ from sglora.kernels import fused_moe, lora_csgmv, lora_token
 from sglora.kernels.activation import act_and_mul
 from sglora.kernels.attention_decode import decode_attention, max_kv_splits_for
 from sglora.kernels.attention_extend import extend_attention
-from sglora.kernels.gemv import add_rmsnorm_gemv, gemv
+from sglora.kernels.gemv import gemv
 from sglora.kernels.moe_align import moe_align
 from sglora.kernels.moe_lora import ExpertLoRA, moe_lora_forward
 from sglora.kernels.norm import AddRMSNorm, fused_add_rmsnorm, rmsnorm
@@ -102,10 +102,7 @@ def dense_layer(m: Model, t: int, dt: torch.dtype, prefill: bool) -> None:
     fused_add_rmsnorm(x, empty(t, m.hidden, dtype=dt), w, 1e-6)
     if t <= SKINNY_MAX_TOKENS:
         n, q = sum(m.qkv), m.qkv[0]
-        bias = empty(n, dtype=dt) if m.qkv_bias else None
-        gemv(x, empty(n, m.hidden, dtype=dt), bias)  # the first layer's qkv
-        norm = AddRMSNorm(empty(t, m.hidden, dtype=dt), w, 1e-6)  # the others': input norm folded
-        add_rmsnorm_gemv(x, norm, empty(n, m.hidden, dtype=dt), bias)
+        gemv(x, empty(n, m.hidden, dtype=dt), empty(n, dtype=dt) if m.qkv_bias else None)
         gemv(empty(t, q, dtype=dt), empty(m.hidden, q, dtype=dt))
     attention(m, t, dt, prefill)
     act_and_mul(empty(t, 2 * m.mlp, dtype=dt), "silu")

@@ -1,10 +1,8 @@
 """`gemv` (the skinny linear of decode-sized batches) equals F.linear with float32 sums on every
 batch size it takes, rows of W off the block size, K off the tile (one tile, several tiles, a
 ragged last one), a bias, row-strided x and W (the weight view below which LoRA A rows live),
-and a row's result does not depend on the rest of the batch. With the residual add + RMSNorm
-folded in (`add_rmsnorm_gemv`), the sum equals the reference bit for bit, the normalised rows
-match it, y is the product of those rows, and the residual passed in is left as it was.
-Tolerances in layer_ops_common.TOL."""
+and a row's result does not depend on the rest of the batch. Tolerances in
+layer_ops_common.TOL."""
 
 from __future__ import annotations
 
@@ -14,11 +12,9 @@ import torch
 import sglora.kernels
 import sglora.kernels.gemv as gemv_mod
 import sglora.layers.linear as linear_mod
-from sglora.kernels.gemv import MAX_TOKENS, add_rmsnorm_gemv, gemv
-from sglora.kernels.norm import AddRMSNorm
-from sglora.kernels.reference import fused_add_rmsnorm_ref, gemv_ref
+from sglora.kernels.gemv import MAX_TOKENS, gemv
+from sglora.kernels.reference import gemv_ref
 from tests.kernels.layer_ops_common import DTYPES, close, randn
-from tests.kernels.test_layers_use_kernels import count_calls
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -97,89 +93,3 @@ def test_linear_takes_the_kernel_where_it_can(monkeypatch):
     for args in ((wide, w), (x, strided_w), (strided_x, w)):
         torch.testing.assert_close(linear_mod.linear(*args), torch.nn.functional.linear(*args))
     assert len(calls) == 1
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("tile", [8192, 64])
-@pytest.mark.parametrize("t,k", [(1, 96), (3, 200)])
-def test_add_rmsnorm_gemv_matches_norm_then_linear(t, k, tile, dtype, monkeypatch):
-    """The default tile (all of K in one) and a 64-element one (K in tiles, a ragged last)."""
-    monkeypatch.setattr(gemv_mod, "TILE_ELEMENTS", tile)
-    x = randn(t, k, dtype=dtype, seed=k, scale=2.0)
-    res = randn(t, k, dtype=dtype, seed=k + 1, scale=3.0)
-    norm_w = randn(k, dtype=dtype, seed=3)
-    w = randn(40, k, dtype=dtype, seed=4, scale=0.2)
-    b = randn(40, dtype=dtype, seed=5)
-    res_before = res.clone()
-    y, normed, summed = add_rmsnorm_gemv(x, AddRMSNorm(res, norm_w, 1e-6), w, b)
-    want_res = res.clone()
-    want_normed = fused_add_rmsnorm_ref(x, want_res, norm_w, 1e-6)
-    torch.testing.assert_close(res, res_before, atol=0, rtol=0)
-    torch.testing.assert_close(summed, want_res, atol=0, rtol=0)
-    close(normed, want_normed, dtype)
-    close(y, gemv_ref(normed, w, b), dtype)
-
-
-def test_add_rmsnorm_gemv_with_no_rows_of_w_still_normalises():
-    x, res = randn(2, 64, dtype=torch.float32, seed=0), randn(2, 64, dtype=torch.float32, seed=1)
-    nw = randn(64, dtype=torch.float32, seed=2)
-    y, normed, summed = add_rmsnorm_gemv(x, AddRMSNorm(res, nw, 1e-6), x.new_empty(0, 64))
-    want_res = res.clone()
-    want_normed = fused_add_rmsnorm_ref(x, want_res, nw, 1e-6)
-    assert y.shape == (2, 0)
-    torch.testing.assert_close(summed, want_res, atol=0, rtol=0)
-    close(normed, want_normed, torch.float32)
-
-
-def test_add_rmsnorm_gemv_bad_inputs():
-    x, w = randn(2, 64, dtype=torch.float32, seed=0), randn(8, 64, dtype=torch.float32, seed=1)
-    res, nw = randn(2, 64, dtype=torch.float32, seed=2), randn(64, dtype=torch.float32, seed=3)
-    with pytest.raises(ValueError, match="residual"):
-        add_rmsnorm_gemv(x, AddRMSNorm(res[:1], nw, 1e-6), w)
-    with pytest.raises(ValueError, match="norm weight"):
-        add_rmsnorm_gemv(x, AddRMSNorm(res, nw[:32], 1e-6), w)
-
-
-class SumHook:
-    """LinearLoRAHook's protocol (lora/layers.py) with a delta that is a plain function of what
-    the layer hands it: rows that were not normalised, or a shrink that is missing, change y."""
-
-    def __init__(self, in_gemm: bool):
-        self.in_gemm = in_gemm
-
-    def shrink_in_gemm(self, num_tokens: int) -> bool:
-        return self.in_gemm
-
-    def expand(self, shrink: torch.Tensor, y: torch.Tensor) -> None:
-        y += shrink.sum(-1, keepdim=True)
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        y += x.sum(-1, keepdim=True)
-
-
-@pytest.mark.parametrize("lora", [None, "hook", "in_gemm"])
-def test_forward_after_norm_folds_the_norm_into_the_skinny_gemm(lora, monkeypatch):
-    """ColumnParallelLinear.forward_after_norm at one row: the kernel path (norm in the GEMM's
-    launch) gives what norm-then-layer gives, with no LoRA, with a LoRA hook on the normalised
-    rows, and with the shrink riding on the GEMM (A rows appended below the weight)."""
-    from sglora.layers.layernorm import RMSNorm
-
-    layer = linear_mod.ColumnParallelLinear(48, 24, bias=True, dtype=torch.float32)
-    layer.weight.data.copy_(randn(24, 48, dtype=torch.float32, seed=1, scale=0.2))
-    layer.bias.data.copy_(randn(24, dtype=torch.float32, seed=2))
-    if lora is not None:
-        layer.lora = SumHook(lora == "in_gemm")
-        if lora == "in_gemm":
-            layer.append_rows(8).copy_(randn(8, 48, dtype=torch.float32, seed=3))
-    norm = RMSNorm(48, 1e-6, torch.float32)
-    norm.weight.data.copy_(randn(48, dtype=torch.float32, seed=4))
-    hidden = randn(1, 48, dtype=torch.float32, seed=5)
-    res = randn(1, 48, dtype=torch.float32, seed=6)
-    calls = count_calls(monkeypatch, gemv_mod, "add_rmsnorm_gemv")
-    want = layer.forward_after_norm(hidden, res.clone(), norm)  # CPU: norm, then F.linear
-    assert calls == [0]
-    monkeypatch.setattr(sglora.kernels, "FORCE_TRITON", True)
-    got = layer.forward_after_norm(hidden, res.clone(), norm)
-    assert calls == [1]
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
