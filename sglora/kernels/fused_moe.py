@@ -57,6 +57,7 @@ from sglora.kernels.moe_lora_epilogue import (
     lora_shrink_step,
 )
 from sglora.kernels.pdl import pdl_launch, pdl_wait
+from sglora.kernels.topk_sum import PairSum
 
 
 @triton.jit
@@ -354,12 +355,12 @@ def moe_down(
     wait_late: bool = False,
 ) -> torch.Tensor:
     """out_pairs [M, k, H] = w_p · (h W_down[e]ᵀ + LoRA delta) of every pair; `lora` carries
-    shrink partials to expand here (a written Δ2 goes to `moe_sum` instead).
+    shrink partials to expand here (a written Δ2 goes to the top-k sum instead).
 
     `wait_late`: the launch just before wrote nothing this kernel reads (moe_lora's Δ2, which
-    `moe_sum` adds), so under PDL the whole GEMM runs before waiting for it (`WAIT_LATE`)."""
+    the top-k sum adds), so under PDL the whole GEMM runs before waiting for it (`WAIT_LATE`)."""
     if lora is not None and lora.delta is not None:
-        raise ValueError("moe_down expands shrink partials; a written down delta goes to moe_sum")
+        raise ValueError("moe_down expands shrink partials; a written down delta: the top-k sum")
     p, hidden, inter = align.num_pairs, w2.shape[1], w2.shape[2]
     m, k = topk_weights.shape
     check_lora_expand("down", lora, p, 1, hidden, w2.shape[0], h, m)
@@ -383,64 +384,6 @@ def moe_down(
     return out
 
 
-@triton.jit
-def _topk_sum_kernel(
-    in_ptr, out_ptr, delta_ptr, w_ptr, slots_ptr, H,
-    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, HAS_DELTA: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):  # fmt: skip
-    """out[t, :] = Σ_j in[t, j, :] (+ w[t, j] · Δ[t·k + j, :] when token t has an adapter), in
-    float32: one program per (token, BLOCK_H columns)."""
-    pdl_wait(USE_PDL)
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ok = offs < H
-    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        acc += tl.load(in_ptr + (t * TOP_K + j) * H + offs, mask=ok, other=0.0).to(tl.float32)
-    if HAS_DELTA:
-        # a mask, not a branch, so the delta loads issue with the pairs' loads; rows of tokens
-        # without an adapter were never written and are not read
-        d_ok = ok & (tl.load(slots_ptr + t) >= 0)
-        for j in tl.static_range(TOP_K):
-            w = tl.load(w_ptr + t * TOP_K + j).to(tl.float32)
-            d = tl.load(delta_ptr + (t * TOP_K + j) * H + offs, mask=d_ok, other=0.0)
-            acc += w * d.to(tl.float32)
-    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-def moe_sum(
-    out_pairs: torch.Tensor,
-    delta: torch.Tensor | None = None,
-    topk_weights: torch.Tensor | None = None,
-    token_slots: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """[M, k, H] -> [M, H]: the top-k reduction, one pass, no atomics. With `delta` [M·k, H]
-    (the down projection's expert-LoRA delta, unweighted; rows of tokens whose `token_slots`
-    is -1 are not read), adds Σ_j topk_weights[t, j] · delta[t·k + j] to each token."""
-    m, k, hidden = out_pairs.shape
-    if k == 1 and delta is None:
-        return out_pairs[:, 0]
-    out = torch.empty(m, hidden, dtype=out_pairs.dtype, device=out_pairs.device)
-    block_h = min(1024, triton.next_power_of_2(hidden))
-    if delta is None:
-        delta_args = (out_pairs, out_pairs, out_pairs)  # never read
-    else:
-        check_shape("delta", delta, (m * k, hidden))
-        check_shape("topk_weights", topk_weights, (m, k))
-        check_shape("token_slots", token_slots, (m,))
-        if not (delta.is_contiguous() and topk_weights.is_contiguous()):
-            raise ValueError("delta and topk_weights must be contiguous")
-        delta_args = (delta, topk_weights, token_slots)
-    if m:
-        _topk_sum_kernel[(m, triton.cdiv(hidden, block_h))](
-            out_pairs, out, *delta_args, hidden, TOP_K=k, BLOCK_H=block_h,
-            HAS_DELTA=delta is not None, num_warps=4,
-            **pdl_launch(out_pairs.device),
-        )  # fmt: skip
-    return out
-
-
 def fused_moe(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -449,8 +392,10 @@ def fused_moe(
     topk_ids: torch.Tensor,
     activation: str = "silu",
     config: MoEConfig | None = None,
-) -> torch.Tensor:
-    """Σ_j w_j · down_e(act(gate_e x) · up_e x) for x [M, H], topk [M, k] -> [M, H].
+    sum_pairs: bool = True,
+) -> torch.Tensor | PairSum:
+    """Σ_j w_j · down_e(act(gate_e x) · up_e x) for x [M, H], topk [M, k] -> [M, H], or with
+    `sum_pairs` off the sum not yet taken (`topk_sum.PairSum`, for the next RMSNorm to take).
 
     w13 [E, 2I, H], w2 [E, H, I], all in x's dtype (fp32, fp16 or bf16), on x's device."""
     _check_moe_inputs(x, w13, w2, topk_weights, topk_ids)
@@ -461,4 +406,5 @@ def fused_moe(
     cfg = config or get_moe_config(m, e, hidden, inter, k, x.dtype)
     align = align_by_expert(topk_ids, e, cfg.block_m)
     h = moe_gate_up(x, w13, align, k, cfg.gate_up, activation)
-    return moe_sum(moe_down(h, w2, align, topk_weights, cfg.down))
+    pending = PairSum(moe_down(h, w2, align, topk_weights, cfg.down))
+    return pending.sum() if sum_pairs else pending

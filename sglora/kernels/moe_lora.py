@@ -40,7 +40,7 @@ import triton.language as tl
 
 from sglora import kernels
 from sglora.kernels.device import num_sms
-from sglora.kernels.fused_moe import _check_moe_inputs, moe_down, moe_gate_up, moe_sum
+from sglora.kernels.fused_moe import _check_moe_inputs, moe_down, moe_gate_up
 from sglora.kernels.moe_align import (
     MoEAlignment,
     align_by_expert,
@@ -56,6 +56,7 @@ from sglora.kernels.moe_common import (
 )
 from sglora.kernels.moe_lora_epilogue import LoRAExpand
 from sglora.kernels.pdl import pdl_launch, pdl_wait
+from sglora.kernels.topk_sum import PairSum
 
 # with this many adapters or fewer in the batch, the expand runs in the base epilogues: each base
 # tile then holds one slot, so the epilogue adds one B tile load and saves two launches and the
@@ -384,11 +385,13 @@ def moe_lora_forward(
     virtual: bool = True,
     config: MoEConfig | None = None,
     num_active_adapters: int | None = None,
-) -> torch.Tensor:
+    sum_pairs: bool = True,
+) -> torch.Tensor | PairSum:
     """The MoE layer with expert LoRA: x [M, H], topk [M, k], token_slots [M] (-1: no adapter)
-    -> [M, H]. `virtual`: virtual-expert grouping, else per-slot over the base alignment. One
-    token runs over `pair_blocks` with no LoRA kernel at all: the base kernels compute its
-    shrink in their K loops (INLINE of moe_lora_epilogue.py) and expand in their epilogues.
+    -> [M, H] (with `sum_pairs` off, the top-k sum not yet taken, as in `fused_moe`).
+    `virtual`: virtual-expert grouping, else per-slot over the base alignment. One token runs
+    over `pair_blocks` with no LoRA kernel at all: the base kernels compute its shrink in their
+    K loops (INLINE of moe_lora_epilogue.py) and expand in their epilogues.
 
     `num_active_adapters` (host-known, optional): with at most EPILOGUE_MAX_ADAPTERS the expand
     runs in the base epilogues whatever the tuned config says (one B tile per base tile). Both
@@ -449,5 +452,7 @@ def moe_lora_forward(
     if written:
         # a written down delta joins the top-k sum, which streams it with the pairs' outputs,
         # rather than the down GEMM's epilogue, where its load after the K loop is exposed
-        return moe_sum(out, down_lora.delta, topk_weights, token_slots)
-    return moe_sum(moe_down(h, w2, base, topk_weights, cfg.down, down_lora))
+        pending = PairSum(out, down_lora.delta, topk_weights, token_slots)
+    else:
+        pending = PairSum(moe_down(h, w2, base, topk_weights, cfg.down, down_lora))
+    return pending.sum() if sum_pairs else pending

@@ -5,11 +5,15 @@ cast, mul) that the unfused code costs a decoder layer twice.
 Math, per row x of N elements, weight w [N], activation dtype τ, ⌊·⌋ = rounding to τ:
   rmsnorm:            y = ⌊w · ⌊x · rsqrt(Σx²/N + eps)⌋⌋          (x, Σ and rsqrt in float32)
   fused_add_rmsnorm:  s = ⌊x + r⌋;  r ← s (in place);  y = rmsnorm(s)
+where x may be the MoE layer's top-k sum not yet taken (`topk_sum.PairSum`): then x = ⌊Σ_j
+pairs[t, j] (+ LoRA delta terms)⌋ is taken here, by `topk_sum.pair_sum` as the top-k sum's own
+launch would take it, and that launch and the [M, N] round trip of its output are saved.
 These are the roundings of the PyTorch code (`reference.rmsnorm_ref`, HF's order), so the
 output differs from it only by the order of the float32 sum.
 
 Pointer layouts: x, residual [M, N] with any row stride, last dim contiguous; weight [N];
-out [M, N] contiguous. One program normalises BLOCK_M rows; BLOCK_N >= N holds a whole row.
+out [M, N] contiguous; a PairSum's tensors as in topk_sum.py. One program normalises BLOCK_M
+rows; BLOCK_N >= N holds a whole row.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import triton.language as tl
 
 from sglora.kernels.moe_common import KERNEL_DTYPES, check_shape, check_tensor
 from sglora.kernels.pdl import pdl_launch, pdl_wait
+from sglora.kernels.topk_sum import PairSum, pair_sum
 
 MAX_ROW = 65536  # elements a row may have: the kernel keeps a row in registers
 # Kernels that fold the residual add + RMSNorm into their own launch (router.py, gemv.py) sum a
@@ -72,10 +77,12 @@ def add_rmsnorm_values(x, r, w, inv):
 
 @triton.jit
 def _rmsnorm_kernel(
-    x_ptr, r_ptr, w_ptr, out_ptr, M, N, eps, stride_x, stride_r, stride_o,
-    ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    x_ptr, r_ptr, w_ptr, out_ptr, delta_ptr, tw_ptr, slots_ptr,
+    M, N, eps, stride_x, stride_r, stride_o,
+    ADD: tl.constexpr, TOP_K: tl.constexpr, HAS_DELTA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    # TOP_K 0: x is [M, N]; else x_ptr .. slots_ptr are a PairSum's, summed here
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     # the weight is written by no kernel: its load may overlap the previous kernel's tail
@@ -84,7 +91,13 @@ def _rmsnorm_kernel(
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask = (rows < M)[:, None] & col_ok[None, :]
     dt = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if TOP_K > 0:
+        x = pair_sum(
+            x_ptr, delta_ptr, tw_ptr, slots_ptr, rows[:, None], (rows < M)[:, None],
+            cols[None, :], mask, N, TOP_K, HAS_DELTA,
+        ).to(dt)  # fmt: skip
+    else:
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     if ADD:
         r_ptrs = r_ptr + rows[:, None] * stride_r + cols[None, :]
         r = tl.load(r_ptrs, mask=mask, other=0.0)
@@ -106,7 +119,13 @@ def _tile(n: int) -> tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def _launch(
+    x: torch.Tensor | PairSum, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+):
+    pending = x if isinstance(x, PairSum) else None
+    if pending is not None:
+        pending.check()
+        x = pending.pairs[:, 0]  # [M, N] view: the shape and dtype checks; the kernel sums all k
     n = x.shape[-1]
     if n > MAX_ROW:
         raise ValueError(f"rmsnorm: rows of {n} elements exceed {MAX_ROW}")
@@ -123,9 +142,12 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         return out
     block_m, block_n, num_warps = _tile(n)
     r = x2 if residual is None else residual
+    ptrs = (x2, x2, x2, x2) if pending is None else pending.kernel_args()
     _rmsnorm_kernel[(triton.cdiv(m, block_m),)](
-        x2, r, weight, out, m, n, eps, x2.stride(0), r.stride(0), n,
-        ADD=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        ptrs[0], r, weight, out, *ptrs[1:], m, n, eps, x2.stride(0), r.stride(0), n,
+        ADD=residual is not None, TOP_K=0 if pending is None else pending.pairs.shape[1],
+        HAS_DELTA=pending is not None and pending.delta is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         **pdl_launch(x2.device),
     )  # fmt: skip
     return out
@@ -138,9 +160,10 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def fused_add_rmsnorm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor | PairSum, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """residual [M, N] += x [M, N] in place; returns rmsnorm(residual) (new tensor)."""
-    if x.dim() != 2:
+    """residual [M, N] += x [M, N] in place; returns rmsnorm(residual) (new tensor). x may be
+    an MoE layer's top-k sum not yet taken (a PairSum), which this launch takes."""
+    if isinstance(x, torch.Tensor) and x.dim() != 2:
         raise ValueError(f"x: expected [M, N], got shape {tuple(x.shape)}")
     return _launch(x, residual, weight, eps)

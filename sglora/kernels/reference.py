@@ -296,3 +296,22 @@ def fused_moe_ref(
         o = o + moe_lora_delta_ref(h.to(x.dtype), *down, slots, ids)
     o = o * topk_weights.reshape(-1, 1).double()
     return o.view(m, k, -1).sum(dim=1)
+
+
+# ---- topk_sum.py
+
+
+def moe_sum_ref(
+    pairs: torch.Tensor,
+    delta: torch.Tensor | None = None,
+    topk_weights: torch.Tensor | None = None,
+    token_slots: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Twin of `moe_sum`: [M, k, H] -> Σ_j pairs[:, j] (+ Σ_j w[t, j]·delta[t·k + j] for tokens
+    with slot ≥ 0) in float32, rounded once to the pairs' dtype."""
+    m, k, hidden = pairs.shape
+    acc = pairs.float().sum(dim=1)
+    if delta is not None:
+        d = delta.float().view(m, k, hidden) * topk_weights.float()[..., None]
+        acc += torch.where(token_slots[:, None] >= 0, d.sum(dim=1), 0.0)
+    return acc.to(pairs.dtype)

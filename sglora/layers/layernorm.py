@@ -22,10 +22,18 @@ class RMSNorm(nn.Module):
         self.weight.weight_loader = lambda p, w, shard_id=None: copy_checked(p, w, "RMSNorm")
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: Any, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`x` normalised; with `residual`, returns (norm(x + residual), x + residual), the sum
-        written into `residual` in place (one kernel reads x and residual once)."""
+        written into `residual` in place (one kernel reads x and residual once). On the GPU x
+        may be an MoE layer's top-k sum not yet taken (`kernels.topk_sum.PairSum`), which the
+        kernel takes with the add."""
+        if not isinstance(x, torch.Tensor):  # a PairSum: only the kernel path makes one
+            if residual is not None:
+                from sglora.kernels.norm import fused_add_rmsnorm
+
+                return fused_add_rmsnorm(x, residual, self.weight, self.eps), residual
+            x = x.sum()
         if use_triton(x):
             from sglora.kernels.norm import fused_add_rmsnorm, rmsnorm
 

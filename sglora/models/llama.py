@@ -6,6 +6,8 @@ the paged KV cache through the ForwardBatch's backend.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -121,7 +123,9 @@ class LlamaMLP(MLPBlock):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)); residual add fused in the norm."""
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)); residual add fused in the norm.
+    The hidden state between layers may be an MoE layer's top-k sum not yet taken (a
+    `kernels.topk_sum.PairSum`, at TP1 on the GPU): the next RMSNorm takes it in its launch."""
 
     def __init__(
         self, config: PretrainedConfig, self_attn: nn.Module, mlp: nn.Module, dtype: torch.dtype
@@ -134,10 +138,10 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         positions: torch.Tensor,
-        hidden: torch.Tensor,
+        hidden: Any,
         residual: torch.Tensor | None,
         batch: ForwardBatch,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[Any, torch.Tensor]:
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:

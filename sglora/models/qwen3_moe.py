@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from sglora.distributed.parallel_state import tp_all_reduce
+from sglora.distributed.parallel_state import get_tp_size, tp_all_reduce
 from sglora.layers.layernorm import RMSNorm
 from sglora.layers.linear import ReplicatedLinear
 from sglora.layers.moe.experts import FusedMoE
@@ -35,20 +37,24 @@ class SparseMoeBlock(MLPBlock):
         e = num_experts_of(config)
         self.gate = ReplicatedLinear(config.hidden_size, e, bias=False, dtype=dtype)
         self.experts = FusedMoE(e, config.hidden_size, intermediate, config.hidden_act, dtype)
+        # with nothing to all-reduce, the next layer's input RMSNorm takes the top-k sum
+        self.experts.sum_pairs = get_tp_size() > 1
         self.routing = routing
 
-    def routed(self, x: torch.Tensor, routes: Routes | None = None) -> torch.Tensor:
-        """This rank's partial sum of the routed experts, before the all-reduce; `routes`
-        (weights, ids) when the router already ran."""
+    def routed(self, x: torch.Tensor, routes: Routes | None = None) -> Any:
+        """This rank's partial sum of the routed experts, before the all-reduce (or the sum
+        not yet taken, see FusedMoE.sum_pairs); `routes` (weights, ids) when the router already
+        ran."""
         weights, ids = routes if routes is not None else route(x, self.gate, self.routing)
         return self.experts(x, weights, ids)
 
-    def forward(self, x: torch.Tensor, routes: Routes | None = None) -> torch.Tensor:
-        return tp_all_reduce(self.routed(x, routes))
+    def forward(self, x: torch.Tensor, routes: Routes | None = None) -> Any:
+        y = self.routed(x, routes)
+        return tp_all_reduce(y) if isinstance(y, torch.Tensor) else y
 
     def forward_after_norm(
         self, hidden: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[Any, torch.Tensor]:
         """The norm runs in the router's launch where the router is fused (norm_and_route)."""
         x, residual, routes = norm_and_route(hidden, residual, norm, self.gate, self.routing)
         return self(x, routes), residual

@@ -36,6 +36,7 @@ from sglora.kernels.router import (
     fused_router,
     topk_softmax,
 )
+from sglora.kernels.topk_sum import PairSum
 from sglora.layers.linear import SKINNY_MAX_TOKENS
 from sglora.layers.moe.router import FUSED_ROUTER_MAX_TOKENS
 from sglora.lora.backends.csgmv import build_segments
@@ -135,10 +136,16 @@ def dense_lora(m: Model, t: int, dt: torch.dtype, prefill: bool) -> None:
 
 
 def moe_layer(
-    m: Model, t: int, dt: torch.dtype, weights_dtype: torch.dtype, lora: bool = True
+    m: Model,
+    t: int,
+    dt: torch.dtype,
+    weights_dtype: torch.dtype,
+    lora: bool = True,
+    sum_pairs: bool = False,
 ) -> None:
     """The router (fused with its GEMM for decode-sized batches) and the experts: base, and
-    (`lora`) with expert LoRA over both groupings, with one adapter in the batch and eight."""
+    (`lora`) with expert LoRA over both groupings, with one adapter in the batch and eight.
+    The top-k sum in its own launch (`sum_pairs`: TP > 1) or, as at TP1, in the next norm's."""
     x = empty(t, m.hidden, dtype=dt)
     renorm = weights_dtype == FP32  # as Mixtral's routing: fp32 weights, renormalised
     if t <= FUSED_MAX_TOKENS:
@@ -152,7 +159,13 @@ def moe_layer(
     e, h, i = m.experts, m.hidden, m.moe_inter
     w13, w2 = empty(e, 2 * i, h, dtype=dt), empty(e, h, i, dtype=dt)
     tw, ids = empty(t, m.top_k, dtype=weights_dtype), torch.zeros(t, m.top_k, dtype=I64)
-    fused_moe.fused_moe(x, w13, w2, tw, ids)
+    norm_w = empty(h, dtype=dt)
+
+    def next_norm(out: torch.Tensor | PairSum) -> None:
+        if isinstance(out, PairSum):
+            fused_add_rmsnorm(out, empty(t, h, dtype=dt), norm_w, 1e-6)
+
+    next_norm(fused_moe.fused_moe(x, w13, w2, tw, ids, sum_pairs=sum_pairs))
     if not lora:
         return
     slots = torch.zeros(t, dtype=I64)
@@ -160,8 +173,8 @@ def moe_layer(
     gate_up = ExpertLoRA(pool(2 * RANK, h), pool(2 * i, RANK))
     down = ExpertLoRA(pool(RANK, i), pool(h, RANK))
     for virtual, adapters in ((True, 1), (True, SLOTS), (False, SLOTS)):
-        moe_lora_forward(x, w13, w2, tw, ids, slots, gate_up, down, virtual=virtual,
-                         num_active_adapters=adapters)  # fmt: skip
+        next_norm(moe_lora_forward(x, w13, w2, tw, ids, slots, gate_up, down, virtual=virtual,
+                                   num_active_adapters=adapters, sum_pairs=sum_pairs))  # fmt: skip
 
 
 def dense(m: Model, t: int, dt: torch.dtype, prefill: bool) -> None:
@@ -178,11 +191,11 @@ def step(m: Model, t: int, dt: torch.dtype, prefill: bool) -> None:
 
 def pointer_weights(m: Model, t: int) -> None:
     """The experts read through pointers, not TMA (fused_moe.TMA_WEIGHTS), at TP8: a down
-    GEMM K of 96, no multiple of any block_k (EVEN_K off)."""
+    GEMM K of 96, no multiple of any block_k (EVEN_K off), and the top-k sum's own launch."""
     with contextlib.ExitStack() as stack:
         stack.callback(setattr, fused_moe, "TMA_WEIGHTS", fused_moe.TMA_WEIGHTS)
         fused_moe.TMA_WEIGHTS = False
-        moe_layer(m._replace(moe_inter=m.moe_inter // 8), t, BF16, BF16)
+        moe_layer(m._replace(moe_inter=m.moe_inter // 8), t, BF16, BF16, sum_pairs=True)
 
 
 def branches(m: Model, t: int, prefill: bool) -> None:

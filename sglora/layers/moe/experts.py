@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sglora.distributed.parallel_state import divide, get_tp_rank, get_tp_size
+from sglora.kernels import use_triton
 from sglora.layers.activation import act_and_mul
 from sglora.layers.linear import copy_checked, narrow
 
@@ -44,7 +45,10 @@ class FusedMoE(nn.Module):
         for p in (self.w13_weight, self.w2_weight):
             p.weight_loader = self.weight_loader
         # set by lora/moe.py: computes the layer with expert LoRA when the batch has adapters
-        self.lora: Callable[..., torch.Tensor | None] | None = None
+        self.lora: Callable[..., Any] | None = None
+        # False: on the GPU, forward hands on the top-k sum not yet taken (kernels.topk_sum.
+        # PairSum) for the next RMSNorm to take in its launch; set by the block that owns it
+        self.sum_pairs = True
 
     def weight_loader(
         self, param: nn.Parameter, loaded: Any, shard_id: str, expert_id: int | None = None
@@ -68,21 +72,21 @@ class FusedMoE(nn.Module):
             dst = param.data[expert_id].narrow(0, 0 if shard_id == "w1" else i, i)
             copy_checked(dst, narrow(loaded, 0, r * i, i), f"expert {shard_id}")
 
-    def forward(
-        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
-    ) -> torch.Tensor:
-        """x [T, H], topk [T, k] -> [T, H] (this rank's partial sum over its I slice)."""
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Any:
+        """x [T, H], topk [T, k] -> [T, H] (this rank's partial sum over its I slice), or on
+        the GPU with `sum_pairs` off the kernels' `topk_sum.PairSum`."""
         if (
             self.lora is not None
             and (out := self.lora(self, x, topk_weights, topk_ids)) is not None
         ):
             return out
-        if x.is_cuda:  # Triton fused MoE; imported here so CPU runs never load Triton
+        if use_triton(x):  # Triton fused MoE; imported here so CPU runs never load Triton
             from sglora.kernels.fused_moe import fused_moe
 
             return fused_moe(
-                x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation
-            )
+                x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation,
+                sum_pairs=self.sum_pairs,
+            )  # fmt: skip
         return moe_forward_reference(
             x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation
         )
