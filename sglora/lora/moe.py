@@ -109,7 +109,7 @@ class _TritonMoELoRA(MoELoRABackend):
             moe.activation,
             virtual=self.virtual,
             num_active_adapters=len(info.active_slots),
-            sum_pairs=moe.sum_pairs,
+            sum_pairs=not moe.hands_on_pairs(x),
         )
 
 

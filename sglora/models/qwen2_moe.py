@@ -22,7 +22,7 @@ class SharedExpertMoeBlock(SparseMoeBlock):
             reduce_results=False,
         )
         self.shared_expert_gate = ReplicatedLinear(config.hidden_size, 1, bias=False, dtype=dtype)
-        self.experts.sum_pairs = True  # the shared expert's output joins the sum
+        self.experts.output_to_norm = False  # the shared expert's output joins the sum first
 
     def forward(self, x: torch.Tensor, routes: Routes | None = None) -> torch.Tensor:
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -37,13 +37,13 @@ class SparseMoeBlock(MLPBlock):
         e = num_experts_of(config)
         self.gate = ReplicatedLinear(config.hidden_size, e, bias=False, dtype=dtype)
         self.experts = FusedMoE(e, config.hidden_size, intermediate, config.hidden_act, dtype)
-        # with nothing to all-reduce, the next layer's input RMSNorm takes the top-k sum
-        self.experts.sum_pairs = get_tp_size() > 1
+        # with nothing to all-reduce, the next layer's input RMSNorm may take the top-k sum
+        self.experts.output_to_norm = get_tp_size() == 1
         self.routing = routing
 
     def routed(self, x: torch.Tensor, routes: Routes | None = None) -> Any:
         """This rank's partial sum of the routed experts, before the all-reduce (or the sum
-        not yet taken, see FusedMoE.sum_pairs); `routes` (weights, ids) when the router already
+        not yet taken, see FusedMoE.hands_on_pairs); `routes` (weights, ids) when the router already
         ran."""
         weights, ids = routes if routes is not None else route(x, self.gate, self.routing)
         return self.experts(x, weights, ids)

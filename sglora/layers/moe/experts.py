@@ -17,6 +17,7 @@ from torch import nn
 
 from sglora.distributed.parallel_state import divide, get_tp_rank, get_tp_size
 from sglora.kernels import use_triton
+from sglora.layers import linear
 from sglora.layers.activation import act_and_mul
 from sglora.layers.linear import copy_checked, narrow
 
@@ -46,9 +47,9 @@ class FusedMoE(nn.Module):
             p.weight_loader = self.weight_loader
         # set by lora/moe.py: computes the layer with expert LoRA when the batch has adapters
         self.lora: Callable[..., Any] | None = None
-        # False: on the GPU, forward hands on the top-k sum not yet taken (kernels.topk_sum.
-        # PairSum) for the next RMSNorm to take in its launch; set by the block that owns it
-        self.sum_pairs = True
+        # set by the block that owns it: its output goes straight to the next RMSNorm, which
+        # can take the top-k sum in its own launch (see hands_on_pairs)
+        self.output_to_norm = False
 
     def weight_loader(
         self, param: nn.Parameter, loaded: Any, shard_id: str, expert_id: int | None = None
@@ -72,9 +73,18 @@ class FusedMoE(nn.Module):
             dst = param.data[expert_id].narrow(0, 0 if shard_id == "w1" else i, i)
             copy_checked(dst, narrow(loaded, 0, r * i, i), f"expert {shard_id}")
 
+    def hands_on_pairs(self, x: torch.Tensor) -> bool:
+        """Whether forward returns the top-k sum not yet taken (`kernels.topk_sum.PairSum`) for
+        the next RMSNorm to take: one launch and an [T, H] round trip fewer a layer. Not at
+        one-token steps, where the next layer's skinny qkv GEMM streams its weights while that
+        norm runs (layers/linear.skinny): the norm then reads the eight rows slower and ends
+        later than the two launches (H200, bs 1: +2.2% a step; benchmarks/results/
+        topk_sum_in_norm_h200.log)."""
+        return self.output_to_norm and use_triton(x) and x.shape[0] > linear.SKINNY_MAX_TOKENS
+
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Any:
-        """x [T, H], topk [T, k] -> [T, H] (this rank's partial sum over its I slice), or on
-        the GPU with `sum_pairs` off the kernels' `topk_sum.PairSum`."""
+        """x [T, H], topk [T, k] -> [T, H] (this rank's partial sum over its I slice), or the
+        sum not yet taken (see hands_on_pairs)."""
         if (
             self.lora is not None
             and (out := self.lora(self, x, topk_weights, topk_ids)) is not None
@@ -85,7 +95,7 @@ class FusedMoE(nn.Module):
 
             return fused_moe(
                 x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation,
-                sum_pairs=self.sum_pairs,
+                sum_pairs=not self.hands_on_pairs(x),
             )  # fmt: skip
         return moe_forward_reference(
             x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation
