@@ -30,9 +30,10 @@ be co-resident.
 `fused_add_rmsnorm_router` puts the decoder layer's post-attention residual add + RMSNorm in
 front of it, in the same launch: x is then the attention output, with a residual [T, H] and the
 norm weight [H]. Every program sums the squares of each whole row s = ⌊x + r⌋ itself (a row of
-≤ norm.MAX_FOLDED_ROW values in registers) and normalises the x tiles it multiplies; program 0 also
-stores s and the normalised rows (new [T, H] tensors) for the experts and the next layer. At
-decode sizes that saves the norm's launch, its dependent wait and one L2 round trip.
+≤ norm.MAX_FOLDED_ROW values in registers) and normalises the x tiles it multiplies; the programs
+of the first expert block also store the columns they normalised, of s and of the normalised
+rows (new [T, H] tensors), for the experts and the next layer. At decode sizes that saves the
+norm's launch, its dependent wait and one L2 round trip.
 """
 
 from __future__ import annotations
@@ -182,20 +183,11 @@ def _fused_router_kernel(
     k = split * chunk + tl.arange(0, BLOCK_H)
     g = tl.load(g_rows + k[None, :], mask=n_ok[:, None] & (k < H)[None, :], other=0.0)
     pdl_wait(USE_PDL)
-    if NORM:  # every program normalises the rows it reads; the first also stores them
+    if NORM:  # every program normalises the rows it reads (each row's factor over all of H)
         inv = tl.zeros((BLOCK_T,), dtype=tl.float32)
         for row in range(M):
             v = add_rms_inv(x_ptr, r_ptr, row, H, stride_x, stride_r, eps, BLOCK_HF)
             inv = tl.where(t == row, v, inv)
-        if pid == 0:
-            for k0 in range(0, H, BLOCK_H):
-                k = k0 + tl.arange(0, BLOCK_H)
-                k_ok = k < H
-                s, y = _add_rmsnorm_tile(x_ptr, r_ptr, nw_ptr, t, t_ok, k, k_ok, inv, stride_x,
-                                         stride_r)  # fmt: skip
-                out = t[:, None] * H + k[None, :]
-                tl.store(ro_ptr + out, s, mask=t_ok[:, None] & k_ok[None, :])
-                tl.store(xo_ptr + out, y, mask=t_ok[:, None] & k_ok[None, :])
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(split * chunk, tl.minimum(split * chunk + chunk, H), BLOCK_H):
         k = k0 + tl.arange(0, BLOCK_H)
@@ -203,8 +195,14 @@ def _fused_router_kernel(
         if k0 > split * chunk:
             g = tl.load(g_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         if NORM:
-            _, x = _add_rmsnorm_tile(x_ptr, r_ptr, nw_ptr, t, t_ok, k, k_ok, inv, stride_x,
+            s, x = _add_rmsnorm_tile(x_ptr, r_ptr, nw_ptr, t, t_ok, k, k_ok, inv, stride_x,
                                      stride_r)  # fmt: skip
+            if pid % n_blocks == 0:
+                # the first expert block of each split stores the columns it normalised, so the
+                # [T, H] outputs are written once, spread over the splits' programs
+                out = t[:, None] * H + k[None, :]
+                tl.store(ro_ptr + out, s, mask=t_ok[:, None] & k_ok[None, :])
+                tl.store(xo_ptr + out, x, mask=t_ok[:, None] & k_ok[None, :])
         else:
             x = tl.load(x_ptr + t[:, None] * stride_x + k[None, :],
                         mask=t_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
