@@ -37,6 +37,7 @@ from sglora.kernels.lora_token import (
     check_device,
     check_tensor,
     expand_block_n,
+    expand_output,
     pick_split_k,
     pow2,
     precision,
@@ -241,14 +242,7 @@ def csgmv_expand(
     check_tensor(B, "B", 3, FLOATS)
     split_k, T, R, p_strides = shrink_layout(p, B, out_sizes)
     _check_segments(perm, chunk_start, chunk_slot, T, chunk)
-    if y is None:
-        y = torch.zeros(T, B.shape[1], dtype=B.dtype, device=B.device)
-        accumulate = False
-    else:
-        check_tensor(y, "y", 2, (B.dtype,))
-        if tuple(y.shape) != (T, B.shape[1]):
-            raise ValueError(f"y must be {(T, B.shape[1])}, got {tuple(y.shape)}")
-        accumulate = True
+    y, accumulate = expand_output(y, T, B, zeroed=True)  # tokens in no chunk are not written
     check_device(p, B, perm, chunk_start, chunk_slot, y)
     NC = chunk_slot.shape[0]
     if T == 0 or B.shape[1] == 0 or NC == 0:

@@ -265,6 +265,20 @@ def shrink_layout(
     return 1, p.shape[0], R, (0, p.stride(0), N)
 
 
+def expand_output(
+    y: torch.Tensor | None, T: int, B: torch.Tensor, zeroed: bool
+) -> tuple[torch.Tensor, bool]:
+    """(y, accumulate) of an expand launcher: the given y [T, Σout] (checked) to add into, or a
+    new one to write (`zeroed` where the kernel leaves rows untouched)."""
+    if y is None:
+        new = torch.zeros if zeroed else torch.empty
+        return new(T, B.shape[1], dtype=B.dtype, device=B.device), False
+    check_tensor(y, "y", 2, (B.dtype,))
+    if tuple(y.shape) != (T, B.shape[1]):
+        raise ValueError(f"y must be {(T, B.shape[1])}, got {tuple(y.shape)}")
+    return y, True
+
+
 def precision(dtype: torch.dtype) -> str:
     # fp32 models (CPU tests, references) get exact fp32 dots, not tf32
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -360,14 +374,7 @@ def lora_expand(
     check_tensor(B, "B", 3, FLOATS)
     split_k, T, R, p_strides = shrink_layout(p, B, out_sizes)
     check_slots(slots, T)
-    if y is None:
-        y = torch.empty(T, B.shape[1], dtype=B.dtype, device=B.device)
-        accumulate = False
-    else:
-        check_tensor(y, "y", 2, (B.dtype,))
-        if tuple(y.shape) != (T, B.shape[1]):
-            raise ValueError(f"y must be {(T, B.shape[1])}, got {tuple(y.shape)}")
-        accumulate = True
+    y, accumulate = expand_output(y, T, B, zeroed=False)  # rows without a slot: written 0
     check_device(p, B, slots, y)
     if T == 0 or B.shape[1] == 0:
         return y
