@@ -34,9 +34,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
         return StreamingResponse(
             sse_with_errors(_stream(tm, reqs, single, strings)), media_type="text/event-stream"
         )
-    accs = [OutputAcc() for _ in reqs]
-    async for out in tm.generate(reqs, request):
-        accs[out.index].add(out)
+    accs = await tm.generate_all(reqs, request)
     results = [_result(r, acc, strings) for r, acc in zip(reqs, accs)]
     return JSONResponse(results[0] if single else results)
 

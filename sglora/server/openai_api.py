@@ -79,9 +79,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         return StreamingResponse(
             sse_with_errors(_stream(tm, body, plan)), media_type="text/event-stream"
         )
-    choices = [OutputAcc() for _ in plan.reqs]
-    async for out in tm.generate(plan.reqs, request):
-        choices[out.index].add(out)
+    choices = await tm.generate_all(plan.reqs, request)
     strings = TokenStrings(tm.tokenizer)
     resp = CompletionResponse(
         id=plan.id,

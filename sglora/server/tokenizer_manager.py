@@ -43,7 +43,7 @@ from sglora.server.detokenizer import IncrementalDetokenizer
 from sglora.server.errors import APIError
 from sglora.server.lora_names import AdapterNames
 from sglora.server.metrics import Metrics
-from sglora.server.outputs import GenOutput, gen_output, merge_outputs
+from sglora.server.outputs import GenOutput, OutputAcc, gen_output, merge_outputs
 from sglora.server.validation import InputChecker
 
 logger = logging.getLogger(__name__)
@@ -157,6 +157,14 @@ class TokenizerManager:
                 watch.cancel()
             for i in pending:
                 self.abort(reqs[i].rid)
+
+    async def generate_all(self, reqs: list[TokenizedGenerateReq], request: Any) -> list[OutputAcc]:
+        """`generate` run to the end for a non-streaming response: each request's outputs folded
+        into one OutputAcc, in the order of `reqs`."""
+        accs = [OutputAcc() for _ in reqs]
+        async for out in self.generate(reqs, request):
+            accs[out.index].add(out)
+        return accs
 
     def abort(self, rid: str) -> bool:
         """Ask the scheduler to stop `rid`; its final (abort) output still comes back."""
