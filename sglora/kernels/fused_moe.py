@@ -360,7 +360,7 @@ def moe_down(
     `wait_late`: the launch just before wrote nothing this kernel reads (moe_lora's Δ2, which
     the top-k sum adds), so under PDL the whole GEMM runs before waiting for it (`WAIT_LATE`)."""
     if lora is not None and lora.delta is not None:
-        raise ValueError("moe_down expands shrink partials; a written down delta: the top-k sum")
+        raise ValueError("moe_down expands shrink partials; a written delta joins the top-k sum")
     p, hidden, inter = align.num_pairs, w2.shape[1], w2.shape[2]
     m, k = topk_weights.shape
     check_lora_expand("down", lora, p, 1, hidden, w2.shape[0], h, m)

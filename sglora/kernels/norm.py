@@ -29,14 +29,14 @@ from sglora.kernels.pdl import pdl_launch, pdl_wait
 from sglora.kernels.topk_sum import PairSum, pair_sum
 
 MAX_ROW = 65536  # elements a row may have: the kernel keeps a row in registers
-# Kernels that fold the residual add + RMSNorm into their own launch (router.py, gemv.py) sum a
-# row's squares in every program, in registers: rows of at most this many elements.
+# A kernel that folds the residual add + RMSNorm into its own launch (router.py) sums a row's
+# squares in every program, in registers: rows of at most this many elements.
 MAX_FOLDED_ROW = 8192
 
 
 class AddRMSNorm(NamedTuple):
     """A residual add + RMSNorm folded into the kernel that consumes its output (the fused
-    router, the skinny GEMM): x is that kernel's input before the norm."""
+    router): x is that kernel's input before the norm."""
 
     residual: torch.Tensor  # [T, N], x's dtype
     weight: torch.Tensor  # [N]
