@@ -2,8 +2,8 @@
 decode graph runs it: after an RMSNorm, in a CUDA graph captured with PDL, with cold weights (8
 copies, 8 (norm, linear) pairs a graph). Qwen3-30B-A3B shapes, bf16: qkv_proj [5120, 2048],
 o_proj [2048, 4096], and each with the LoRA pool's A rows of 8 rank-16 slots appended (the
-weight a LoRA batch multiplies by). Sweeps the kernel's settings (tile, warps, sub-row width);
-the best over all rows goes into kernels/gemv.py, the largest T where it wins into
+weight a LoRA batch multiplies by). Sweeps the kernel's settings (tile, warps, sub-row width,
+programs per SM); the best over all rows goes into kernels/gemv.py, the largest T where it wins into
 `layers/linear.py`'s SKINNY_MAX_TOKENS.
 
     PYTHONPATH=. python scripts/bench_gemv.py [--tokens 1 2 4 8 16] [--out rows.json]
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--tokens", nargs="*", type=int, default=[1, 2, 4, 8])
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--configs", nargs="*", default=["4096/4/256", "8192/4/256", "16384/8/256"],
-                    help="kernel settings TILE_ELEMENTS/NUM_WARPS/SUBK")  # fmt: skip
+                    help="TILE_ELEMENTS/NUM_WARPS/SUBK[/PROGRAMS_PER_SM] settings")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     name = torch.cuda.get_device_name()
@@ -84,14 +84,15 @@ def main() -> None:
         rows.append(dict(shape=shape, T=t, impl="cublas", us=base, **stamp))
         line = [f"{shape:6} T={t:2d} cublas {base:6.2f}"]
         for setting in args.configs:
-            tile, warps, subk = (int(v) for v in setting.split("/"))
+            tile, warps, subk, per_sm = (int(v) for v in (setting + "/0").split("/")[:4])
             gemv_mod.TILE_ELEMENTS, gemv_mod.NUM_WARPS, gemv_mod.SUBK = tile, warps, subk
+            gemv_mod.PROGRAMS_PER_SM = per_sm
             if t > gemv_mod.MAX_TOKENS:
                 gemv_mod.MAX_TOKENS = t  # measure beyond the current limit too
             us = graph_us(body(gemv_mod.gemv), COPIES)
             totals.setdefault(setting, {})[(shape, t)] = us / base
             rows.append(dict(shape=shape, T=t, impl="gemv", tile=tile, warps=warps, subk=subk,
-                             us=us, **stamp))  # fmt: skip
+                             programs_per_sm=per_sm, us=us, **stamp))  # fmt: skip
             line.append(f"{setting} {us:6.2f}")
         print("  ".join(line) + f"  (max |gemv - ref| {err:.3g})", flush=True)
     print("\ngemv / cuBLAS per setting (geometric mean over shapes), by T:")

@@ -13,8 +13,10 @@ the rounding to x's dtype: F.linear's roundings, with another order of the sum. 
 does not depend on the other rows of the batch.
 
 Pointer layouts: x [T, K] and W [N, K] with any row stride, last dim contiguous; b [N]; y [T, N]
-contiguous. Program p owns rows p·BLOCK_N .. of W and walks K in BLOCK_K tiles; the T rows of x
-are read from L2 tile by tile (T is a constexpr: one compiled variant per batch size). Beyond
+contiguous. A grid of PROGRAMS_PER_SM programs an SM; program p owns the N blocks p, p + P, .. of
+BLOCK_N rows of W and walks each one's K in BLOCK_K tiles, the next tile's load issued before the
+current one is reduced; the T rows of x are read from L2 tile by tile (T is a constexpr: one
+compiled variant per batch size). Beyond
 one row cuBLAS is faster (1.0x its time at two rows, 1.4x at four): each row of x costs every
 program a pass over its registers and a reduction.
 """
@@ -25,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sglora.kernels.device import num_sms
 from sglora.kernels.moe_common import KERNEL_DTYPES, check_shape, check_tensor
 from sglora.kernels.pdl import pdl_launch, pdl_wait
 
@@ -33,9 +36,12 @@ MAX_TOKENS = 8  # rows of x a launch takes (layers/linear.py decides where it pa
 # qkv_proj and o_proj shapes, after an RMSNorm in a PDL graph (scripts/bench_gemv.py,
 # gemv_pdl_h200.log): 0.76x cuBLAS's time at one row (4096-16384 elements x 4-8 warps x 128-512
 # columns: 0.76-0.91x); whole rows (SUBK = BLOCK_K) were 0.3-0.6 us a call slower on qkv_proj.
+# Three programs an SM, each walking its blocks with the next tile in flight: 0.84x cuBLAS against
+# 0.90x with one program per block, and batch-1 decode -2.0% (gemv_persistent_h200.log).
 TILE_ELEMENTS = 8192
 NUM_WARPS = 8
 SUBK = 256
+PROGRAMS_PER_SM = 3  # 0: one program per N block
 
 
 @triton.jit
@@ -51,6 +57,14 @@ def _gemv_tile(acc, w, x_ptr, stride_x, kx, k_ok, T: tl.constexpr, T_PAD: tl.con
 
 
 @triton.jit
+def _gemv_w_tile(w_ptr, stride_w, N, K, nb, k0, ok, rn, kx, BLOCK_N: tl.constexpr):
+    """The [ROWS, SUBK] sub-rows of W's tile at N block nb, columns k0.. (zeros where not ok)."""
+    n = nb * BLOCK_N + rn
+    mask = ok & (n < N)[:, None] & (kx + k0 < K)
+    return tl.load(w_ptr + n.to(tl.int64)[:, None] * stride_w + kx + k0, mask=mask, other=0.0)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_w,
     T: tl.constexpr, T_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -59,32 +73,39 @@ def _gemv_kernel(
     # The [BLOCK_N, BLOCK_K] tile of W is held as S = BLOCK_K / SUBK sub-rows a row, [ROWS, SUBK]
     # with SUBK one warp's width of vector loads, so a warp's threads share a sub-row: each row
     # of x costs a reduction within warps, and the S partials of a row are summed once, at the end.
+    # Program p owns N blocks p, p + P, .. (P programs, a few per SM) and walks their K tiles in
+    # order; the next tile's load is issued before the current one is reduced, so a program keeps
+    # two tiles of W in flight: one tile a program left HBM idle while it reduced and stored.
     S: tl.constexpr = BLOCK_K // SUBK
     ROWS: tl.constexpr = BLOCK_N * S
     r = tl.arange(0, ROWS)
-    n = tl.program_id(0) * BLOCK_N + r // S
-    n_ok = n < N
+    rn = r // S
     kx = ((r % S) * SUBK)[:, None] + tl.arange(0, SUBK)[None, :]  # [ROWS, SUBK] columns
-    w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_w
-    # W and b are written by no kernel: their loads may overlap the previous kernel's tail
-    k_ok = n_ok[:, None] & (kx < K)
-    w = tl.load(w_rows + kx, mask=k_ok, other=0.0)
-    nb = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + nb, mask=nb < N, other=0.0).to(tl.float32)
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
+    kt = tl.cdiv(K, BLOCK_K)
+    tiles = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, nprog) * kt  # this program's, N block-major
+    # W is written by no kernel: its first tile may load while the previous kernel still runs
+    w = _gemv_w_tile(w_ptr, stride_w, N, K, pid, 0, tiles > 0, rn, kx, BLOCK_N)
     pdl_wait(USE_PDL)
-    acc = tl.zeros((T_PAD, ROWS), dtype=tl.float32)
-    acc = _gemv_tile(acc, w, x_ptr, stride_x, kx, k_ok, T, T_PAD)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        k_ok = n_ok[:, None] & (kx + k0 < K)
-        w = tl.load(w_rows + kx + k0, mask=k_ok, other=0.0)
-        acc = _gemv_tile(acc, w, x_ptr, stride_x, kx + k0, k_ok, T, T_PAD)
-    y = tl.sum(tl.reshape(acc, (T_PAD, BLOCK_N, S)), axis=2)  # [T_PAD, BLOCK_N]
-    if HAS_BIAS:
-        y += b[None, :]
     tt = tl.arange(0, T_PAD)
-    mask = (tt < T)[:, None] & (nb < N)[None, :]
-    tl.store(y_ptr + tt[:, None] * N + nb[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    acc = tl.zeros((T_PAD, ROWS), dtype=tl.float32)
+    for j in range(tiles):
+        nb, k0 = pid + j // kt * nprog, j % kt * BLOCK_K
+        jn = j + 1
+        w_next = _gemv_w_tile(w_ptr, stride_w, N, K, pid + jn // kt * nprog, jn % kt * BLOCK_K,
+                              jn < tiles, rn, kx, BLOCK_N)  # fmt: skip
+        n_ok = nb * BLOCK_N + rn < N
+        acc = _gemv_tile(acc, w, x_ptr, stride_x, kx + k0, n_ok[:, None] & (kx + k0 < K), T, T_PAD)
+        if j % kt == kt - 1:
+            y = tl.sum(tl.reshape(acc, (T_PAD, BLOCK_N, S)), axis=2)  # [T_PAD, BLOCK_N]
+            ny = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            if HAS_BIAS:
+                y += tl.load(b_ptr + ny, mask=ny < N, other=0.0).to(tl.float32)[None, :]
+            mask = (tt < T)[:, None] & (ny < N)[None, :]
+            tl.store(y_ptr + tt[:, None] * N + ny[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=mask)  # fmt: skip
+            acc = tl.zeros((T_PAD, ROWS), dtype=tl.float32)
+        w = w_next
 
 
 def gemv_blocks(n: int, k: int) -> tuple[int, int, int]:
@@ -113,7 +134,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> 
     if k == 0:
         return y.copy_(bias.expand(t, n)) if bias is not None else y.zero_()
     block_n, block_k, subk = gemv_blocks(n, k)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    blocks = triton.cdiv(n, block_n)
+    grid = min(blocks, num_sms(x.device) * PROGRAMS_PER_SM) if PROGRAMS_PER_SM else blocks
+    _gemv_kernel[(grid,)](
         x, w, w if bias is None else bias, y, n, k, x.stride(0), w.stride(0),
         T=t, T_PAD=triton.next_power_of_2(t), HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, SUBK=subk, num_warps=NUM_WARPS,

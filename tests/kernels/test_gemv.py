@@ -42,6 +42,20 @@ def test_gemv_walks_k_in_tiles_with_bias(k, subk, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_sm", [1, 3])
+@pytest.mark.parametrize("k", [64, 200])
+def test_gemv_programs_walk_several_blocks(k, per_sm, dtype, monkeypatch):
+    """Fewer programs than N blocks (one SM on CPU): each walks blocks p, p + P, .. and their K
+    tiles (one, or a ragged fourth), loading the next tile before reducing the current one."""
+    monkeypatch.setattr(gemv_mod, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(gemv_mod, "PROGRAMS_PER_SM", per_sm)
+    x = randn(3, k, dtype=dtype, seed=k + per_sm)
+    w = randn(11, k, dtype=dtype, seed=3, scale=0.2)
+    b = randn(11, dtype=dtype, seed=4)
+    close(gemv(x, w, b), gemv_ref(x, w, b), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gemv_of_row_strided_views(dtype):
     """x a slice of a wider activation; W the first rows of a taller buffer, as LinearBase
     keeps its weight above the LoRA pool's A rows."""
