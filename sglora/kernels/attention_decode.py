@@ -17,9 +17,7 @@ Flash-decoding in two launches, so that a few long requests still fill the GPU:
        mid_o[b, h, s]   = Σ_{j in chunk} p_j V_j / Σ p_j          p_j = 2^(x_j - m)
        mid_lse[b, h, s] = m + log2 Σ p_j                          x_j = scale·log2(e)·q·k_j
    An empty chunk (seq_len < num_kv_splits) writes lse = -inf and o = 0; programs with
-   s >= num_kv_splits[b] return at once. Given a `prefetch` weight (the o_proj after this
-   attention), its programs first ask L2 for a share of it (kernels/prefetch.py): at decode
-   sizes this launch is latency-bound and leaves HBM idle.
+   s >= num_kv_splits[b] return at once.
 2. `_decode_reduce_kernel`, grid (bs, Hq): o[b, h] = Σ_s 2^(lse_s - M) mid_o_s / Σ_s 2^(lse_s - M),
    over s < num_kv_splits[b]; a request with no keys (a padded CUDA-graph row) gets o = 0.
 
@@ -44,7 +42,6 @@ import triton
 import triton.language as tl
 
 from sglora.kernels.pdl import pdl_launch, pdl_wait
-from sglora.kernels.prefetch import l2_prefetch, prefetch_supported
 
 LOG2E = 1.4426950408889634
 
@@ -73,25 +70,18 @@ def _decode_split_kernel(
     stride_mos,
     stride_mlb,
     stride_mlh,
-    Prefetch,
-    prefetch_bytes,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
-    PREFETCH: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
-    if PREFETCH:  # a weight no kernel writes: before the wait
-        n_g, n_s = tl.num_programs(1), tl.num_programs(2)
-        pid = (b * n_g + g) * n_s + s
-        l2_prefetch(Prefetch, prefetch_bytes, pid, tl.num_programs(0) * n_g * n_s, 128)
-    pdl_wait(USE_PDL)
     n_splits = tl.load(NumSplits + b)
     if s < n_splits:
         seq_len = tl.load(SeqLens + b).to(tl.int32)
@@ -208,14 +198,12 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of q [bs, Hq, D] over each request's `seq_lens` cached keys -> [bs, Hq, D].
 
     `num_kv_splits` [bs] int32 (1..max_kv_splits) says in how many chunks each request's keys
     are read; `mid_o`/`mid_lse` are the fp32 workspaces (see `decode_workspace`), given by a
-    caller that preallocates them (CUDA graphs), else allocated here. `prefetch`: a weight the
-    next kernel reads, pulled into L2 while this one runs (sm90+; elsewhere ignored)."""
+    caller that preallocates them (CUDA graphs), else allocated here."""
     bs, hq, d = q.shape
     hk = k_buffer.shape[1]
     assert q.stride(-1) == 1, "q: the last dim must be contiguous"
@@ -250,8 +238,6 @@ def decode_attention(
         # six configs at bs 1..256, ctx 1k..4k (benchmarks/results); 64 keys keep d=256 in smem.
         block_n = 128 if block_d <= 128 else 64
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    if prefetch is not None and not prefetch_supported(prefetch):
-        prefetch = None
     _decode_split_kernel[(bs, hk, max_kv_splits)](
         q,
         k_buffer,
@@ -275,15 +261,12 @@ def decode_attention(
         mid_o.stride(2),
         mid_lse.stride(0),
         mid_lse.stride(1),
-        q if prefetch is None else prefetch,
-        0 if prefetch is None else prefetch.numel() * prefetch.element_size(),
         GROUP=group,
         HEAD_DIM=d,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         PRECISION=precision,
-        PREFETCH=prefetch is not None,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch(q.device),

@@ -107,11 +107,6 @@ class LinearBase(nn.Module):
     def shrink_in_gemm(self, x: torch.Tensor) -> bool:
         return self.weight_ext is not None and self.lora.shrink_in_gemm(x.shape[0])
 
-    def gemm_weight(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight this layer's GEMM reads for input x: with the LoRA A rows below it when
-        the batch's shrink rides on the GEMM."""
-        return self.weight_ext if self.shrink_in_gemm(x) else self.weight
-
     def split_and_expand(self, full: torch.Tensor) -> torch.Tensor:
         """[T, out + extra] GEMM output -> y [T, out] (a view) with the LoRA delta added."""
         y, shrink = full.split([self.out_features, full.shape[-1] - self.out_features], dim=-1)

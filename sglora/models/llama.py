@@ -22,11 +22,6 @@ from sglora.layers.logits import LogitsOutput, LogitsProcessor
 from sglora.layers.rotary import RotaryEmbedding, get_rope
 from sglora.model_executor.forward_batch import ForwardBatch
 
-# Up to this many tokens the attention asks L2 for o_proj's weight while it runs (a
-# latency-bound launch there), so the o_proj GEMM after it reads from L2. Above, the KV it
-# streams would evict the weight first.
-O_PREFETCH_MAX_TOKENS = 16
-
 
 def head_dim_of(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -90,8 +85,7 @@ class LlamaAttention(nn.Module):
             q, k, v = (x.clamp(-self.clip_qkv, self.clip_qkv) for x in (q, k, v))
         kv_cache = batch.kv_pool.get_kv(self.attn.layer_id)
         q = self.rotary(positions, q, k, v, kv_cache, batch.out_cache_loc, head_norm)
-        prefetch = self.o_proj.gemm_weight(q) if q.shape[0] <= O_PREFETCH_MAX_TOKENS else None
-        return self.o_proj(self.attn(q, batch, prefetch))
+        return self.o_proj(self.attn(q, batch))
 
 
 class MLPBlock(nn.Module):

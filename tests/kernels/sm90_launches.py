@@ -41,7 +41,6 @@ from sglora.layers.linear import SKINNY_MAX_TOKENS
 from sglora.layers.moe.router import FUSED_ROUTER_MAX_TOKENS
 from sglora.lora.backends.csgmv import build_segments
 from sglora.model_executor.cuda_graph_runner import decode_launches
-from sglora.models.llama import O_PREFETCH_MAX_TOKENS
 
 NUM_SMS = 132  # an H200's (and an H100 SXM's)
 SLOTS, RANK, CHUNK, VOCAB = 8, 16, 16, 4096
@@ -93,10 +92,7 @@ def attention(m: Model, t: int, dt: torch.dtype, prefill: bool) -> None:
     else:
         splits = max_kv_splits_for(t, m.kv_heads, NUM_SMS)
         seq_lens, n = torch.full((t,), 1000, dtype=I64), torch.ones(t, dtype=I32)
-        o_proj = empty(m.hidden, m.qkv[0], dtype=dt)  # the weight the model prefetches
-        prefetch = o_proj if t <= O_PREFETCH_MAX_TOKENS else None
-        decode_attention(q3, k_buf, v_buf, table, torch.arange(t), seq_lens, n, splits, 0.1,
-                         prefetch=prefetch)  # fmt: skip
+        decode_attention(q3, k_buf, v_buf, table, torch.arange(t), seq_lens, n, splits, 0.1)
 
 
 def dense_layer(m: Model, t: int, dt: torch.dtype, prefill: bool) -> None:

@@ -92,21 +92,6 @@ def test_decode_matches_reference(dtype, seq_lens, splits, shape):
     assert_matches(out, ref, dtype)
 
 
-@pytest.mark.parametrize("weight_shape", [(2048, 4096), (333, 37)], ids=str)
-def test_decode_with_l2_prefetch_is_identical(weight_shape):
-    """Asking L2 for the next weight (o_proj; on sm90+ bulk prefetches from every program, a
-    ragged tail for the odd size) changes nothing in the output, bit for bit."""
-    dtype = DTYPES[0]
-    k_buf, v_buf, table, rows = paged_kv([150, 3], NUM_KV_HEADS, 64, dtype, seed=2)
-    q = torch.randn(2, 4 * NUM_KV_HEADS, 64).to(dtype).to(DEVICE)
-    weight = torch.randn(weight_shape).to(dtype).to(DEVICE)
-    args = (q, k_buf, v_buf, table, torch.tensor(rows, device=DEVICE),
-            torch.tensor([150, 3], device=DEVICE),
-            torch.tensor([4, 2], dtype=torch.int32, device=DEVICE), 4, 0.125)  # fmt: skip
-    plain = decode_attention(*args)
-    torch.testing.assert_close(decode_attention(*args, prefetch=weight), plain, atol=0, rtol=0)
-
-
 def test_decode_request_without_keys_gives_zeros():
     """A padded CUDA-graph row (seq_len 0) must come out finite, not NaN."""
     k_buf, v_buf, table, rows = paged_kv([5, 1], NUM_KV_HEADS, 16, torch.float32, seed=1)

@@ -22,16 +22,9 @@ class AttentionBackend(ABC):
         """Precompute per-batch indices once, before the layers run."""
 
     @abstractmethod
-    def forward(
-        self,
-        q: torch.Tensor,
-        layer: Attention,
-        batch: ForwardBatch,
-        prefetch: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
         """Attend over the KV pool, which already holds the new tokens' K/V at
-        batch.out_cache_loc: q [T, Hq*D] -> [T, Hq*D]. `prefetch` is a hint: a weight the
-        caller reads next, which a backend may ask the cache for while it runs."""
+        batch.out_cache_loc: q [T, Hq*D] -> [T, Hq*D]."""
 
 
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {}

@@ -25,10 +25,7 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.scaling = head_dim**-0.5 if scaling is None else scaling
 
-    def forward(
-        self, q: torch.Tensor, batch: ForwardBatch, prefetch: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """q [T, Hq*D] -> [T, Hq*D], over the KV pool, where the new tokens' K/V already are
-        (the rotary writes them: `layers/rotary.py`). `prefetch`: the weight read next (o_proj),
-        which a backend may pull into L2 while it runs."""
-        return batch.attn_backend.forward(q, self, batch, prefetch)
+        (the rotary writes them: `layers/rotary.py`)."""
+        return batch.attn_backend.forward(q, self, batch)

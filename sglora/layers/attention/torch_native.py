@@ -34,13 +34,7 @@ class TorchNativeAttnBackend(AttentionBackend):
             masks.append(k_pos[None, :] <= q_pos[:, None])  # [new, total] causal from prefix
         batch.attn_metadata = (slots, masks)
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        layer: Attention,
-        batch: ForwardBatch,
-        prefetch: torch.Tensor | None = None,  # a cache hint: nothing to do on this path
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
         d = layer.head_dim
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
         slots, masks = batch.attn_metadata

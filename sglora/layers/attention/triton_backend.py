@@ -146,13 +146,7 @@ class TritonAttnBackend(AttentionBackend):
                 self._workspace = ws
         return ws[:n_o].view(bs, hq, splits, d), ws[n_o : n_o + n_lse].view(bs, hq, splits)
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        layer: Attention,
-        batch: ForwardBatch,
-        prefetch: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, layer: Attention, batch: ForwardBatch) -> torch.Tensor:
         d, hq = layer.head_dim, layer.num_heads
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
         md: TritonAttnMetadata = batch.attn_metadata
@@ -172,7 +166,6 @@ class TritonAttnBackend(AttentionBackend):
                 layer.scaling,
                 mid_o=mid_o,
                 mid_lse=mid_lse,
-                prefetch=prefetch,
             )
         else:
             out = self._extend.extend_attention(
