@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from sglora.layers.attention.layer import Attention
     from sglora.model_executor.forward_batch import ForwardBatch
 
-MIN_SPLIT_LEN = 64  # keys per split-KV chunk at least: one key block of the decode kernel
+# Keys per split-KV chunk at least: the decode kernel's key block at head_dim 256, half of it at
+# 128. 128 (a whole block there) measured the same at bs 1, 8 and 64 (split_len_128_h200.log).
+MIN_SPLIT_LEN = 64
 CPU_NUM_SMS = 4  # "multiprocessors" assumed under TRITON_INTERPRET (few programs, still splits)
 
 
