@@ -16,9 +16,8 @@ Pointer layouts: x [T, K] and W [N, K] with any row stride, last dim contiguous;
 contiguous. A grid of PROGRAMS_PER_SM programs an SM; program p owns the N blocks p, p + P, .. of
 BLOCK_N rows of W and walks each one's K in BLOCK_K tiles, the next tile's load issued before the
 current one is reduced; the T rows of x are read from L2 tile by tile (T is a constexpr: one
-compiled variant per batch size). Beyond
-one row cuBLAS is faster (1.0x its time at two rows, 1.4x at four): each row of x costs every
-program a pass over its registers and a reduction.
+compiled variant per batch size). Beyond one row cuBLAS is faster (1.0x its time at two rows,
+1.4x at four): each row of x costs every program a pass over its registers and a reduction.
 """
 
 from __future__ import annotations
@@ -75,7 +74,8 @@ def _gemv_kernel(
     # of x costs a reduction within warps, and the S partials of a row are summed once, at the end.
     # Program p owns N blocks p, p + P, .. (P programs, a few per SM) and walks their K tiles in
     # order; the next tile's load is issued before the current one is reduced, so a program keeps
-    # two tiles of W in flight: one tile a program left HBM idle while it reduced and stored.
+    # two tiles of W in flight (with one tile a program, HBM idled while programs reduced, stored
+    # and exited).
     S: tl.constexpr = BLOCK_K // SUBK
     ROWS: tl.constexpr = BLOCK_N * S
     r = tl.arange(0, ROWS)
