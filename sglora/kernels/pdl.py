@@ -5,10 +5,11 @@ A kernel launched with PDL may be scheduled while the kernel before it in the st
 running, once every program of that one has called `griddepcontrol.launch_dependents`; its
 programs then sit at `griddepcontrol.wait` until the earlier kernel has finished and its writes
 are visible. That hides the launch and block-scheduling ramp of each kernel behind the tail of
-the previous one, which is much of a small kernel's time: a decode step at batch 1 is ~630
-kernels of ~5 us. CUDA graphs keep PDL edges as programmatic dependencies. It is on only
-inside `sglora.kernels.pdl_launches(True)`, which the graph runner opens around the capture of
-small decode graphs (large batches measured slower with it: cuda_graph_runner.PDL_MAX_BS).
+the previous one, which is much of a small kernel's time: a decode step at batch 1 is ~485
+kernels of ~6 us (Qwen3-30B-A3B, benchmarks/results/profiles). CUDA graphs keep PDL edges as
+programmatic dependencies. It is on only inside `sglora.kernels.pdl_launches(True)`, which the
+graph runner opens around the capture of small decode graphs (large batches measured slower
+with it: cuda_graph_runner.PDL_MAX_BS).
 
 The rule that keeps it race-free: `pdl_wait` comes before any load of a buffer another kernel
 writes, any store, and any early return (only loads of weights, which no kernel writes, may
