@@ -42,8 +42,8 @@ class SparseMoeBlock(MLPBlock):
         self.routing = routing
 
     def routed(self, x: torch.Tensor, routes: Routes | None = None) -> Any:
-        """This rank's partial sum of the routed experts, before the all-reduce (or the sum
-        not yet taken, see FusedMoE.hands_on_pairs); `routes` (weights, ids) when the router already
+        """This rank's partial sum of the routed experts, before the all-reduce, or the sum not
+        yet taken (FusedMoE.hands_on_pairs); `routes` (weights, ids) when the router already
         ran."""
         weights, ids = routes if routes is not None else route(x, self.gate, self.routing)
         return self.experts(x, weights, ids)
