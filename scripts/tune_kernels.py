@@ -10,9 +10,13 @@ GEMM's weight stream, so a config that times faster alone can be slower there; H
 Kernels are compiled first by `--jobs` worker processes into Triton's on-disk cache, so the
 GPU time goes to timing. `--tp N` tunes the per-rank shape of a server
 with `--tp-size N` (each rank holds I/N of every expert's intermediate and of its LoRA B/A).
+The shape is Qwen3-30B-A3B's experts unless `--model` names a model directory (or Hugging Face
+id) whose config.json gives another (Mixtral, OLMoE, Qwen2-MoE, ...). About a minute a shape on
+an H100.
 
   python scripts/tune_kernels.py --ms 1 8 32 128 256 512 2048
   python scripts/tune_kernels.py --tp 4 --out /tmp/tp4.json   # merge into the table later
+  python scripts/tune_kernels.py --model /models/Mixtral-8x7B-v0.1 --tp 2
 """
 
 from __future__ import annotations
@@ -252,6 +256,24 @@ def tune(
     return table
 
 
+def expert_shape(model: str | None, tp: int) -> dict[str, int]:
+    """E, H, I (one rank's share under `tp`) and top-k of `model`'s routed experts, read from its
+    config, or Qwen3-30B-A3B's (bench_kernels.MOE_SHAPE) without one."""
+    if model is None:
+        shape = dict(MOE_SHAPE)
+    else:
+        from transformers import AutoConfig
+
+        from sglora.models.qwen3_moe import num_experts_of
+
+        c = AutoConfig.from_pretrained(model)
+        inter = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+        shape = dict(E=num_experts_of(c), H=c.hidden_size, I=inter, k=c.num_experts_per_tok)
+    if shape["I"] % tp:
+        raise ValueError(f"--tp {tp} does not divide the intermediate size {shape['I']}")
+    return {**shape, "I": shape["I"] // tp}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--ms", nargs="*", type=int, default=[1, 8, 32, 128, 256, 512, 2048])
@@ -260,10 +282,12 @@ def main() -> None:
     ap.add_argument("--lora-only", action="store_true", help="keep the base configs of --out")
     ap.add_argument("--wide", action="store_true", help="also search LORA_WIDE")
     ap.add_argument("--tp", type=int, default=1, help="tune one rank's shard of the experts")
+    ap.add_argument("--model", default=None, help="tune this model's expert shape (config.json)")
     args = ap.parse_args()
-    if MOE_SHAPE["I"] % args.tp:
-        ap.error(f"--tp {args.tp} does not divide the intermediate size {MOE_SHAPE['I']}")
-    shape = {**MOE_SHAPE, "I": MOE_SHAPE["I"] // args.tp}
+    try:
+        shape = expert_shape(args.model, args.tp)
+    except ValueError as exc:
+        ap.error(str(exc))
     e, h, i, k = (shape[n] for n in ("E", "H", "I", "k"))
     out = args.out or CONFIG_DIR / f"moe_{device_name()}.json"
     data = json.loads(out.read_text()) if out.exists() else {}

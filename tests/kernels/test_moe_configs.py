@@ -1,10 +1,13 @@
 """The tuned MoE block configs (`kernels/moe_common.py`, `kernels/configs/*.json`): every table
-entry parses into a config the kernels can take, and a GPU finds its own table, else its
-architecture's (`SAME_ARCH_TABLES`) for the shapes it lacks, else the heuristic default."""
+entry parses into a config the kernels can take, a GPU finds its own table, else its
+architecture's (`SAME_ARCH_TABLES`) for the shapes it lacks, else the heuristic default, and
+scripts/tune_kernels.py tunes the expert shape of the model it is given."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ import torch
 from sglora.kernels import moe_common
 from sglora.kernels.moe_common import CONFIG_DIR, config_from_dict, shape_key
 
+ROOT = Path(__file__).resolve().parents[2]
 QWEN3_TP1 = shape_key(128, 2048, 768, 8, torch.bfloat16)
 TABLES = sorted(CONFIG_DIR.glob("moe_*.json"))
 
@@ -81,3 +85,35 @@ def test_other_architectures_and_unknown_shapes_get_the_default(on_gpu):
     assert got == moe_common.default_moe_config(256 * 8, 128, 2048, 768)
     on_gpu("NVIDIA_H200", (9, 0))
     assert moe_common.tuned_entry(shape_key(8, 4096, 14336, 2, torch.bfloat16)) is None
+
+
+def tune_script():
+    spec = importlib.util.spec_from_file_location("tune_kernels", ROOT / "scripts/tune_kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(
+    "family,overrides,want",
+    [  # each family names its expert count and width its own way
+        ("qwen3_moe", dict(num_experts=16, moe_intermediate_size=96), (16, 64, 96, 2)),
+        ("mixtral", dict(num_local_experts=4, intermediate_size=80), (4, 64, 80, 2)),
+        (
+            "olmoe",
+            dict(num_experts=12, intermediate_size=48, num_experts_per_tok=3),
+            (12, 64, 48, 3),
+        ),
+    ],
+)
+def test_the_tuner_reads_a_models_expert_shape(tmp_path, family, overrides, want):
+    from sglora.testing.tiny import make_config
+
+    make_config(family, hidden_size=64, **overrides).save_pretrained(tmp_path)
+    tune = tune_script()
+    e, h, i, k = want
+    assert tune.expert_shape(str(tmp_path), 1) == dict(E=e, H=h, I=i, k=k)
+    assert tune.expert_shape(str(tmp_path), 2) == dict(E=e, H=h, I=i // 2, k=k)
+    with pytest.raises(ValueError, match="does not divide"):
+        tune.expert_shape(str(tmp_path), 7)
+    assert tune.expert_shape(None, 4) == dict(E=128, H=2048, I=192, k=8)  # Qwen3-30B-A3B's
