@@ -133,8 +133,8 @@ def tuned_entry(key: str) -> dict | None:
     """The tuned M buckets of shape `key` on this GPU, else on the GPU its architecture reads
     (SAME_ARCH_TABLES), else None."""
     entry = _load_table(device_name()).get(key)
-    if entry or not torch.cuda.is_available():
-        return entry
+    if entry or not torch.cuda.is_available() or torch.version.hip is not None:
+        return entry  # (ROCm reports gfx versions as capabilities: no NVIDIA sibling there)
     sibling = SAME_ARCH_TABLES.get(torch.cuda.get_device_capability())
     return _load_table(sibling).get(key) if sibling else None
 
