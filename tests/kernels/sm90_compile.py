@@ -4,7 +4,8 @@ without TRITON_INTERPRET): the interpreter checks what the kernels compute, not 
 compile, and CI has no GPU.
 
 The launches are not written out here: the launchers themselves run (sm90_launches.py) on CPU
-tensors, told they are on an H200 (132 SMs, PDL, TMA), while `JITFunction.run` is replaced by
+tensors, told they are on an H200, then on an H100 (132 SMs, PDL, TMA, and each one's tuned MoE
+table, so the tile configs of both tables compile), while `JITFunction.run` is replaced by
 one that binds the arguments as Triton's launcher does for that target (pointer element types,
 int32/int64/fp32 scalars, ints of 1 as constants, 16-divisibility) and records the signature,
 constexprs and options instead of launching. Each distinct record is then compiled, in parallel.
@@ -90,16 +91,20 @@ def _interpreting(fn: types.FunctionType) -> types.FunctionType:
     return types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__)
 
 
+# The GPUs whose tuned MoE tables (kernels/configs/moe_<name>.json) the launches read, in turn
+TABLE_DEVICES = ("NVIDIA_H200", "NVIDIA_H100_80GB_HBM3")
+
+
 @contextlib.contextmanager
-def as_on_h200() -> Iterator[None]:
-    """The device helpers of sglora/kernels answer as an H200 would: Hopper (TMA weights, PDL),
-    132 SMs, the H200's tuned MoE configs; CPU tensors pass the launchers' checks."""
+def as_on(device_name: str) -> Iterator[None]:
+    """The device helpers of sglora/kernels answer as this sm90 GPU of 132 SMs would: Hopper (TMA
+    weights, PDL), its tuned MoE configs; CPU tensors pass the launchers' checks."""
     from sglora.kernels import device, lora_token, moe_common
 
     answers = {
         device.hopper_or_newer: lambda dev: True,
         device.num_sms: lambda dev: sm90_launches.NUM_SMS,
-        moe_common.device_name: lambda: "NVIDIA_H200",
+        moe_common.device_name: lambda: device_name,
         moe_common.check_tensor: _interpreting(moe_common.check_tensor),
         lora_token.check_device: _interpreting(lora_token.check_device),
     }
@@ -146,22 +151,23 @@ def recording(record: Callable[[Launch], None]) -> Iterator[None]:
 
 
 def recorded_launches() -> list[Launch]:
-    """The distinct launches of the scenarios of sm90_launches.py, in first-seen order, each
-    labelled with the scenario that first made it."""
+    """The distinct launches of the scenarios of sm90_launches.py on each of TABLE_DEVICES, in
+    first-seen order, each labelled with the scenario (and device) that first made it."""
     distinct: dict[tuple, Launch] = {}
     label = ""
 
     def record(launch: Launch) -> None:
         distinct.setdefault(launch.key(), launch._replace(scenario=label))
 
-    with as_on_h200(), recording(record):
-        for scenario in sm90_launches.scenarios():
-            label = scenario.label
-            try:
-                with scenario.pdl():
-                    scenario.launches()
-            except Exception as exc:
-                raise RuntimeError(f"scenario {label!r} failed to launch") from exc
+    for device_name in TABLE_DEVICES:
+        with as_on(device_name), recording(record):
+            for scenario in sm90_launches.scenarios():
+                label = f"{scenario.label}, {device_name}"
+                try:
+                    with scenario.pdl():
+                        scenario.launches()
+                except Exception as exc:
+                    raise RuntimeError(f"scenario {label!r} failed to launch") from exc
     return list(distinct.values())
 
 

@@ -1,6 +1,7 @@
 """The launches that sm90_compile.py compiles: sglora's kernel launchers called as the server
-calls them on an H200, on CPU tensors whose values are never read (the launches are recorded,
-not run), so that only shapes, strides, dtypes and host values matter.
+calls them on an H200 and on an H100 (sm90_compile.TABLE_DEVICES: the same launches but for the
+MoE tile configs each GPU's table picks), on CPU tensors whose values are never read (the
+launches are recorded, not run), so that only shapes, strides, dtypes and host values matter.
 
 The main model is Qwen3-30B-A3B at TP1, the shape of the tuned MoE table (so its configs, as
 tuned per batch size, are what launches), with LoRA of rank 16 in 8 slots; a Qwen2-0.5B-sized

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = 291
+VARIANTS = 330
 
 
 def kernel_names() -> set[str]:
