@@ -65,6 +65,7 @@ from make_adapters import adapter_config, adapter_tensors  # noqa: E402
 from sglora.config import ServerArgs  # noqa: E402
 from sglora.engine import Engine  # noqa: E402
 from sglora.messages import SamplingParams, TokenizedGenerateReq  # noqa: E402
+from sglora.models.qwen3_moe import expert_intermediate_of, num_experts_of  # noqa: E402
 from sglora.testing.tiny import tiny_model_path  # noqa: E402
 
 
@@ -123,9 +124,7 @@ def step_floor_bytes(engine: Engine, bs: int, ctx: int, adapters: int, rank: int
     d = getattr(c, "head_dim", None) or h // c.num_attention_heads
     q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
     attn = (h * (q + 2 * kv) + q * h) * layers
-    e = getattr(c, "num_experts", 0) or getattr(c, "num_local_experts", 0)
-    k = c.num_experts_per_tok
-    inter = c.moe_intermediate_size
+    e, k, inter = num_experts_of(c), c.num_experts_per_tok, expert_intermediate_of(c)
     tp = engine.args.tp_size
     hit = e * (1 - (1 - k / e) ** bs)  # expected distinct experts per layer
     experts = hit * 3 * h * inter * layers

@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoConfig
 
+from sglora.models.qwen3_moe import expert_intermediate_of
+
 PRE = "base_model.model.model.layers"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -55,7 +57,7 @@ def adapter_tensors(
     d = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
     q, kv = cfg.num_attention_heads * d, (cfg.num_key_value_heads or cfg.num_attention_heads) * d
     e = _num_experts(cfg)
-    inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    inter = expert_intermediate_of(cfg)
     shared = getattr(cfg, "shared_expert_intermediate_size", None)
 
     def rnd(*shape):

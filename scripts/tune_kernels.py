@@ -264,10 +264,10 @@ def expert_shape(model: str | None, tp: int) -> dict[str, int]:
     else:
         from transformers import AutoConfig
 
-        from sglora.models.qwen3_moe import num_experts_of
+        from sglora.models.qwen3_moe import expert_intermediate_of, num_experts_of
 
         c = AutoConfig.from_pretrained(model)
-        inter = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+        inter = expert_intermediate_of(c)
         shape = dict(E=num_experts_of(c), H=c.hidden_size, I=inter, k=c.num_experts_per_tok)
     if shape["I"] % tp:
         raise ValueError(f"--tp {tp} does not divide the intermediate size {shape['I']}")

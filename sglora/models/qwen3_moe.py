@@ -20,7 +20,14 @@ Routes = tuple[torch.Tensor, torch.Tensor]  # top-k (weights [T, k], expert ids 
 
 
 def num_experts_of(config: PretrainedConfig) -> int:
+    """Routed experts (Qwen and OLMoE `num_experts`, Mixtral `num_local_experts`)."""
     return getattr(config, "num_experts", None) or config.num_local_experts
+
+
+def expert_intermediate_of(config: PretrainedConfig) -> int:
+    """One routed expert's intermediate size (Qwen `moe_intermediate_size`; Mixtral and OLMoE
+    size their experts by `intermediate_size`)."""
+    return getattr(config, "moe_intermediate_size", None) or config.intermediate_size
 
 
 class SparseMoeBlock(MLPBlock):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from sglora.models.qwen3_moe import expert_intermediate_of, num_experts_of
 from sglora.testing.tiny import make_config, tiny_model_path
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -195,9 +196,7 @@ def _fused_dense(cfg, layers, r, rnd):
 
 def _experts(family, kind, cfg, layers, r, rnd):
     """Expert LoRA in per-module, compact 3D or shared-outer layout, and PEFT's fused form."""
-    e = getattr(cfg, "num_experts", None) or cfg.num_local_experts
-    h = cfg.hidden_size
-    i = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    e, h, i = num_experts_of(cfg), cfg.hidden_size, expert_intermediate_of(cfg)
     block = "block_sparse_moe" if family == "mixtral" else "mlp"
     names = ("w1", "w3", "w2") if family == "mixtral" else MLP
     served_t, ref_t = {}, {}
