@@ -117,26 +117,31 @@ def make_adapters(model: str, out: Path, num: int, rank: int, device: torch.devi
 
 def step_floor_bytes(engine: Engine, bs: int, ctx: int, adapters: int, rank: int) -> float:
     """Bytes one decode step must read: the weights it touches, A/B of the adapters in the
-    batch for the experts it hits, and the KV cache."""
+    batch for the experts it hits, and the KV cache. MoE (Qwen, Mixtral, OLMoE fields) or dense;
+    a shared expert or dense layers between sparse ones are not counted."""
     c = engine.model_config.hf_config
     el = engine.model_config.dtype.itemsize
     h, layers = c.hidden_size, c.num_hidden_layers
     d = getattr(c, "head_dim", None) or h // c.num_attention_heads
     q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
     attn = (h * (q + 2 * kv) + q * h) * layers
-    e, k, inter = num_experts_of(c), c.num_experts_per_tok, expert_intermediate_of(c)
     tp = engine.args.tp_size
-    hit = e * (1 - (1 - k / e) ** bs)  # expected distinct experts per layer
-    experts = hit * 3 * h * inter * layers
+    if getattr(c, "num_experts_per_tok", None):
+        e, k, inter = num_experts_of(c), c.num_experts_per_tok, expert_intermediate_of(c)
+        hit = e * (1 - (1 - k / e) ** bs)  # expected distinct experts per layer
+        mlp = hit * 3 * h * inter * layers
+    else:  # a dense model: every layer's MLP, and no expert LoRA below
+        e = k = inter = 0
+        mlp = 3 * h * c.intermediate_size * layers
     head = c.vocab_size * h + 2 * h * layers
     # per rank: matrices split over TP (the router is replicated), KV heads split up to their
     # number; the all-reduces are not in the floor
-    weights = ((attn + experts + head) / tp + e * h * layers) * el
+    weights = ((attn + mlp + head) / tp + e * h * layers) * el
     kv_bytes = bs * ctx * layers * 2 * kv * el / min(tp, c.num_key_value_heads)
     lora = 0.0
     if adapters:
         per = bs / adapters
-        hit_a = e * (1 - (1 - k / e) ** per)  # experts one adapter's tokens hit
+        hit_a = e * (1 - (1 - k / e) ** per) if e else 0  # experts one adapter's tokens hit
         # per rank: column-parallel layers (q/k/v, gate/up) keep A [r, h] whole and split B;
         # row-parallel ones (o, down) split A and keep B [h, r] whole, so the h-sided halves
         # are read on every rank whatever the TP degree

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,3 +133,41 @@ def test_a_refused_request_fails_the_wait_for_first_tokens(bench):
     s.add_request(TokenizedGenerateReq("r0", [3, 4, 5], sp, lora_name="missing"))
     with pytest.raises(RuntimeError, match="r0 ended without a token"):
         bench.time_to_first_tokens(s, {"r0"}, torch.device("cpu"))
+
+
+def floor_of(bench, cfg, bs=4, ctx=100, adapters=0, rank=8):
+    engine = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=cfg, dtype=torch.bfloat16),
+        args=SimpleNamespace(tp_size=1),
+    )
+    return bench.step_floor_bytes(engine, bs, ctx, adapters, rank)
+
+
+def test_step_floor_reads_each_familys_expert_fields(bench):
+    """Mixtral sizes its experts by `intermediate_size` and counts them in `num_local_experts`,
+    Qwen3-MoE by `moe_intermediate_size` and `num_experts`: the same experts, the same floor."""
+    from sglora.testing.tiny import make_config
+
+    common = dict(num_key_value_heads=2, num_experts_per_tok=2)
+    mixtral = make_config("mixtral", num_local_experts=8, intermediate_size=48, **common)
+    qwen = make_config(
+        "qwen3_moe", num_experts=8, moe_intermediate_size=48, intermediate_size=999,
+        head_dim=mixtral.hidden_size // mixtral.num_attention_heads, **common,
+    )  # fmt: skip
+    for adapters in (0, 2):
+        assert floor_of(bench, mixtral, adapters=adapters) == pytest.approx(
+            floor_of(bench, qwen, adapters=adapters)
+        )
+
+
+def test_step_floor_of_a_dense_model_reads_every_mlp(bench):
+    from sglora.testing.tiny import make_config
+
+    c = make_config("llama")
+    h, layers, d = c.hidden_size, c.num_hidden_layers, c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
+    weights = (h * (q + 2 * kv) + q * h + 3 * h * c.intermediate_size + 2 * h) * layers
+    weights += c.vocab_size * h
+    want = 2 * (weights + 4 * 100 * layers * 2 * kv)  # bf16, bs 4, ctx 100
+    assert floor_of(bench, c) == pytest.approx(want)
+    assert floor_of(bench, c, adapters=2) > want  # the adapters' attention A/B
