@@ -117,7 +117,7 @@ def device_name() -> str:
 # A shape this GPU has no tuned entry for is looked up in the table of another GPU of its
 # architecture (same SM design and shared memory), which mostly beats the heuristic default:
 # on an H100, the H200's table took the base layer 2.6% less time than the default at M=256 and
-# 4.4% less at 2048, and the same at M=1 and 8, where 8 adapters' MoE-LoRA took 2-8% more
+# 4.4% less at 2048, and the same at M=1 and 8, where 8 adapters' MoE-LoRA took 2-9% more
 # (benchmarks/results/moe_configs_h100.log; the H100's own table is within 0.8% of the H200's on
 # the base layer). sm90 (H100 PCIe / NVL, H800, H20, GH200) reads the H100 SXM's.
 SAME_ARCH_TABLES = {(9, 0): "NVIDIA_H100_80GB_HBM3"}
