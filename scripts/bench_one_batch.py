@@ -126,12 +126,13 @@ def step_floor_bytes(engine: Engine, bs: int, ctx: int, adapters: int, rank: int
     q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
     attn = (h * (q + 2 * kv) + q * h) * layers
     tp = engine.args.tp_size
-    if getattr(c, "num_experts_per_tok", None):
-        e, k, inter = num_experts_of(c), c.num_experts_per_tok, expert_intermediate_of(c)
+    e = num_experts_of(c)
+    if e:
+        k, inter = c.num_experts_per_tok, expert_intermediate_of(c)
         hit = e * (1 - (1 - k / e) ** bs)  # expected distinct experts per layer
         mlp = hit * 3 * h * inter * layers
     else:  # a dense model: every layer's MLP, and no expert LoRA below
-        e = k = inter = 0
+        k = inter = 0
         mlp = 3 * h * c.intermediate_size * layers
     head = c.vocab_size * h + 2 * h * layers
     # per rank: matrices split over TP (the router is replicated), KV heads split up to their

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from sglora.models.qwen3_moe import expert_intermediate_of
+from sglora.models.qwen3_moe import expert_intermediate_of, num_experts_of
 
 PRE = "base_model.model.model.layers"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -33,13 +33,9 @@ def _expert_minor(b: torch.Tensor) -> torch.Tensor:
     return b.permute(1, 2, 0).reshape(b.shape[1], -1)
 
 
-def _num_experts(cfg) -> int:
-    return getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0
-
-
 def is_sparse(cfg, layer: int) -> bool:
     """Whether a layer's MLP is routed experts (Qwen MoE configs may keep some layers dense)."""
-    if not _num_experts(cfg) or layer in (getattr(cfg, "mlp_only_layers", None) or []):
+    if not num_experts_of(cfg) or layer in (getattr(cfg, "mlp_only_layers", None) or []):
         return False
     return (layer + 1) % (getattr(cfg, "decoder_sparse_step", None) or 1) == 0
 
@@ -56,7 +52,7 @@ def adapter_tensors(
     h = cfg.hidden_size
     d = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
     q, kv = cfg.num_attention_heads * d, (cfg.num_key_value_heads or cfg.num_attention_heads) * d
-    e = _num_experts(cfg)
+    e = num_experts_of(cfg)
     inter = expert_intermediate_of(cfg)
     shared = getattr(cfg, "shared_expert_intermediate_size", None)
 

@@ -20,8 +20,9 @@ Routes = tuple[torch.Tensor, torch.Tensor]  # top-k (weights [T, k], expert ids 
 
 
 def num_experts_of(config: PretrainedConfig) -> int:
-    """Routed experts (Qwen and OLMoE `num_experts`, Mixtral `num_local_experts`)."""
-    return getattr(config, "num_experts", None) or config.num_local_experts
+    """Routed experts (Qwen and OLMoE `num_experts`, Mixtral `num_local_experts`); 0 for a
+    dense config."""
+    return getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
 
 
 def expert_intermediate_of(config: PretrainedConfig) -> int:
